@@ -1,0 +1,139 @@
+"""Network and sampling settings. Defaults are the released EmoCAST checkpoint; the tiny test
+model is just another instance (`NetConfig.from_json` reads the fixtures' config files)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Both UNets share the SD1.5 layout; the denoising UNet adds motion and audio modules."""
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    heads: int = 8  # SD1.5's `attention_head_dim: 8` is the number of heads
+    cross_attention_dim: int = 768  # text width = identity-token width
+    in_channels: int = 4
+    out_channels: int = 4
+    audio_attention_dim: int = 768  # kv width of the masked audio attentions (= emotion width)
+    audio_token_dim: int = 768  # kv width of the emotive-audio attention (audio-token width)
+    emotive_head_dim: int = 80
+    motion_heads: int = 8
+    motion_max_len: int = 32
+    motion_norm_groups: int = 32
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+
+@dataclass(frozen=True)
+class FaceLocatorConfig:
+    out_channels: int = 320
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    in_channels: int = 3
+
+
+@dataclass(frozen=True)
+class ImageProjConfig:
+    embedding_dim: int = 512
+    tokens: int = 4
+    width: int = 768
+
+
+@dataclass(frozen=True)
+class AudioProjConfig:
+    window: int = 5
+    layers: int = 12
+    channels: int = 768
+    hidden: int = 512
+    tokens: int = 32
+    width: int = 768
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    face_locator: FaceLocatorConfig = field(default_factory=FaceLocatorConfig)
+    image_proj: ImageProjConfig = field(default_factory=ImageProjConfig)
+    audio_proj: AudioProjConfig = field(default_factory=AudioProjConfig)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "NetConfig":
+        """Read a fixture config (`tiny_config.json` / `real_model_config.json`)."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "NetConfig":
+        base = cfg["denoising_unet_base_config"]
+        extra = cfg["denoising_unet_additional_kwargs"]
+        motion = extra["motion_module_kwargs"]
+        emo = cfg["emotive_audio_attention"]
+        fl, ip, ap = cfg["face_locator"], cfg["image_proj"], cfg["audio_proj"]
+        return cls(
+            unet=UNetConfig(
+                block_out_channels=tuple(base["block_out_channels"]),
+                layers_per_block=base["layers_per_block"],
+                norm_num_groups=base["norm_num_groups"],
+                heads=base["attention_head_dim"],
+                cross_attention_dim=base["cross_attention_dim"],
+                in_channels=base["in_channels"],
+                out_channels=base["out_channels"],
+                audio_attention_dim=extra["audio_attention_dim"],
+                audio_token_dim=emo["audio_cross_attention_dim"],
+                emotive_head_dim=emo["audio_attention_head_dim"],
+                motion_heads=motion["num_attention_heads"],
+                motion_max_len=motion["temporal_position_encoding_max_len"],
+            ),
+            face_locator=FaceLocatorConfig(fl["conditioning_embedding_channels"], tuple(fl["block_out_channels"]),
+                                           fl["conditioning_channels"]),
+            image_proj=ImageProjConfig(ip["clip_embeddings_dim"], ip["clip_extra_context_tokens"],
+                                       ip["cross_attention_dim"]),
+            audio_proj=AudioProjConfig(ap["seq_len"], ap["blocks"], ap["channels"], ap["intermediate_dim"],
+                                       ap["context_tokens"], ap["output_dim"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, JSON-able form, stored in converted checkpoints so they describe their own sizes."""
+        return {f.name: {g.name: getattr(getattr(self, f.name), g.name) for g in fields(getattr(self, f.name))}
+                for f in fields(self)}
+
+    @classmethod
+    def from_flat(cls, d: dict[str, Any]) -> "NetConfig":
+        def build(kind, values):
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        return cls(build(UNetConfig, d["unet"]), build(FaceLocatorConfig, d["face_locator"]),
+                   build(ImageProjConfig, d["image_proj"]), build(AudioProjConfig, d["audio_proj"]))
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The released inference settings (DDIM, v-prediction, zero-SNR, trailing timesteps)."""
+
+    steps: int = 40
+    cfg_scale: float = 3.5
+    frames_per_clip: int = 16
+    motion_frames: int = 2
+    fps: int = 25
+    motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # full (pose), face, lip
+    latent_scale: float = 0.18215  # hard-coded by the reference, independent of the VAE
+    seed: int = 42
+
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "set_alpha_to_one": True,
+}
