@@ -1,0 +1,4 @@
+from .net import EmoCASTNet
+from .unet import ClipConditioning, ClipContext, DenoisingUNet, ReferenceUNet
+
+__all__ = ["EmoCASTNet", "ClipConditioning", "ClipContext", "DenoisingUNet", "ReferenceUNet"]

@@ -1,0 +1,150 @@
+"""SD1.5 building blocks shared by both UNets. Frames are folded into the batch (row b*f + k),
+so every block here is per frame, as in the released "inflated" 3-D UNet."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, DecoupledCrossAttention, FeedForward, attend
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding, cosine half first, frequency shift 0 (SD's `flip_sin_to_cos`)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.reshape(-1, 1).float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, out)
+        self.linear_2 = nn.Linear(out, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, temb: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-5)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-5)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2).transpose(1, 2)
+
+
+def to_grid(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return t.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, decoupled text/identity cross-attention, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = DecoupledCrossAttention(dim, context_dim, heads, dim // heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def write(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference pass: a plain block that also returns its normed input (the reference feature)."""
+        n = self.norm1(x)
+        x = x + self.attn1(n, n)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x)), n
+
+    def read(self, x: torch.Tensor, ref_kv: tuple[torch.Tensor, torch.Tensor], cross_kv) -> torch.Tensor:
+        """Denoising pass. Rows are [uncond frames, cond frames]. The unconditional half attends to
+        itself only; conditional row j also attends to the reference-frame features of CFG half
+        `j mod 2` (`ref_kv`, 2 rows) — the released row-parity pairing, kept for parity."""
+        n = self.norm1(x)
+        a = self.attn1
+        q, k, v = a.to_q(n), a.to_k(n), a.to_v(n)
+        f = x.shape[0] // 2
+        parity = torch.arange(f, 2 * f, device=x.device) % 2
+        kc = torch.cat([k[f:], ref_kv[0][parity]], dim=1)
+        vc = torch.cat([v[f:], ref_kv[1][parity]], dim=1)
+        out = torch.cat([attend(q[:f], k[:f], v[:f], a.heads), attend(q[f:], kc, vc, a.heads)])
+        x = x + a.to_out[0](out)
+        x = x + self.attn2(self.norm2(x), kv=cross_kv)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> 1x1 conv -> one transformer block -> 1x1 conv, residual."""
+
+    def __init__(self, c: int, heads: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.proj_in = nn.Conv2d(c, c, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(c, heads, context_dim)])
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def _wrap(self, x: torch.Tensor, body) -> tuple[torch.Tensor, object]:
+        h, w = x.shape[-2:]
+        t, extra = body(to_tokens(self.proj_in(self.norm(x))))
+        return x + self.proj_out(to_grid(t, h, w)), extra
+
+    def write(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._wrap(x, lambda t: self.transformer_blocks[0].write(t, context))
+
+    def read(self, x: torch.Tensor, ref_kv, cross_kv) -> torch.Tensor:
+        return self._wrap(x, lambda t: (self.transformer_blocks[0].read(t, ref_kv, cross_kv), None))[0]
+
+
+class Stage(nn.Module):
+    """Container for one down/mid/up stage; the UNets hold the data flow."""
+
+    def __init__(self, resnets, attentions=(), audio_modules=(), motion_modules=(), sampler=None, sampler_name=""):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        if audio_modules:
+            self.audio_modules = nn.ModuleList(audio_modules)
+        if motion_modules:
+            self.motion_modules = nn.ModuleList(motion_modules)
+        self.sampler_name = sampler_name
+        if sampler is not None:
+            setattr(self, sampler_name, nn.ModuleList([sampler]))
+
+    @property
+    def sampler(self) -> nn.Module | None:
+        return getattr(self, self.sampler_name)[0] if self.sampler_name and hasattr(self, self.sampler_name) else None

@@ -1,0 +1,70 @@
+"""AnimateDiff-style motion module: temporal self-attention over [motion frames, clip frames]."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..fill import sinusoidal_pe
+from .attention import Attention, FeedForward
+
+
+class _PositionalEncoding(nn.Module):
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        self.register_buffer("pe", sinusoidal_pe(max_len, dim))
+
+
+class TemporalAttention(Attention):
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__(dim, dim, heads, dim // heads)
+        self.pos_encoder = _PositionalEncoding(dim, max_len)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The position table is added to the attention input only, not to the residual stream.
+        x = x + self.pos_encoder.pe[:, : x.shape[1]]
+        return super().forward(x)
+
+
+class _TemporalBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__()
+        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len) for _ in range(2)])
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(2)])
+        self.ff = FeedForward(dim)
+        self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        for attn, norm in zip(self.attention_blocks, self.norms):
+            t = t + attn(norm(t))
+        return t + self.ff(self.ff_norm(t))
+
+
+class _TemporalTransformer(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim)
+        self.transformer_blocks = nn.ModuleList([_TemporalBlock(dim, heads, max_len)])
+        self.proj_out = nn.Linear(dim, dim)
+
+
+class MotionModule(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int, groups: int):
+        super().__init__()
+        self.temporal_transformer = _TemporalTransformer(dim, heads, max_len, groups)
+
+    def forward(self, x: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
+        """x (B*f, C, h, w) clip frames; motion (B, m, C, h, w) motion-frame features.
+        Returns the clip frames only (B*f, C, h, w)."""
+        tt = self.temporal_transformer
+        b, m, c, h, w = motion.shape
+        f = x.shape[0] // b
+        frames = torch.cat([motion, x.view(b, f, c, h, w)], dim=1).flatten(0, 1)  # (B*(m+f), C, h, w)
+        t = tt.proj_in(tt.norm(frames).flatten(2).transpose(1, 2))  # (B*F, L, C), GroupNorm per frame
+        # Attend over frames at each spatial position.
+        t = t.view(b, m + f, h * w, c).transpose(1, 2).reshape(b * h * w, m + f, c)
+        for block in tt.transformer_blocks:
+            t = block(t)
+        t = tt.proj_out(t).view(b, h * w, m + f, c)[:, :, m:]  # only the clip frames are kept
+        out = t.permute(0, 2, 3, 1).reshape(b * f, c, h, w)
+        return x + out

@@ -1,0 +1,222 @@
+"""The two UNets. The reference UNet returns its per-block features; the denoising UNet takes them
+(prepared once per clip into a `ClipContext`) as an argument on every step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import UNetConfig
+from .audio_module import AudioModule
+from .blocks import Downsample, ResnetBlock, SpatialTransformer, Stage, TimestepEmbedding, Upsample, timestep_embedding
+from .motion import MotionModule
+
+Trace = dict[str, torch.Tensor] | None
+
+
+def _recorder(trace: Trace) -> Callable[[str, torch.Tensor], None]:
+    """Optional record of every stage output (used by the parity tests to localise a divergence)."""
+    return trace.__setitem__ if trace is not None else lambda name, x: None
+
+
+class _UNet(nn.Module):
+    """SD1.5 skeleton; the denoising variant adds audio and motion modules to every stage."""
+
+    def __init__(self, cfg: UNetConfig, denoising: bool):
+        super().__init__()
+        self.cfg = cfg
+        bo, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
+        temb, g, heads, d = cfg.time_embed_dim, cfg.norm_num_groups, cfg.heads, cfg.cross_attention_dim
+        self.conv_in = nn.Conv2d(cfg.in_channels, bo[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(bo[0], temb)
+
+        def attn(c):
+            return SpatialTransformer(c, heads, d, g)
+
+        def audio(c, cx):
+            # The released audio modules run at an inner width taken from another level (Ci below).
+            return AudioModule(c, heads * (cx // heads), heads, g, cfg.audio_attention_dim, d,
+                               cfg.audio_token_dim, cfg.emotive_head_dim)
+
+        def motion(c):
+            return MotionModule(c, cfg.motion_heads, cfg.motion_max_len, cfg.motion_norm_groups)
+
+        def stage(resnets, cross, audio_in, c, count, sampler, name):
+            return Stage(resnets, [attn(c) for _ in range(count)] if cross else [],
+                         [audio(c, audio_in(j)) for j in range(count)] if cross and denoising else [],
+                         [motion(c) for _ in range(count)] if denoising else [], sampler, name)
+
+        down, cout = [], bo[0]
+        for i, c in enumerate(bo):
+            cin, cout = cout, c
+            resnets = [ResnetBlock(cin if j == 0 else c, c, temb, g) for j in range(layers)]
+            down.append(stage(resnets, i < n - 1, lambda j, i=i: bo[i - 1] if j == 0 and i > 0 else bo[i], c, layers,
+                              Downsample(c) if i < n - 1 else None, "downsamplers"))
+        self.down_blocks = nn.ModuleList(down)
+        self.mid_block = stage([ResnetBlock(bo[-1], bo[-1], temb, g) for _ in range(2)], True, lambda j: bo[-1],
+                               bo[-1], 1, None, "")
+        up, rev, prev = [], bo[::-1], bo[-1]
+        for i, c in enumerate(rev):
+            skip = rev[min(i + 1, n - 1)]
+            resnets = [ResnetBlock((prev if j == 0 else c) + (skip if j == layers else c), c, temb, g)
+                       for j in range(layers + 1)]
+            up.append(stage(resnets, i > 0, lambda j, i=i: bo[max(2 - i, 0)], c, layers + 1,
+                            Upsample(c) if i < n - 1 else None, "upsamplers"))
+            prev = c
+        self.up_blocks = nn.ModuleList(up)
+        if denoising:
+            self.conv_norm_out = nn.GroupNorm(g, bo[0], eps=1e-5)
+            self.conv_out = nn.Conv2d(bo[0], cfg.out_channels, 3, padding=1)
+
+    def _time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(dtype))
+
+    def _run(self, x: torch.Tensor, temb: torch.Tensor, layer: Callable, rec: Callable = lambda k, v: None) -> torch.Tensor:
+        """Down, mid and up stages with SD skips; `layer(path, stage, j, level, x)` runs what follows
+        resnet j of a cross-attention stage (it differs between the two UNets)."""
+        n = len(self.down_blocks)
+        skips = [x]
+        for i, st in enumerate(self.down_blocks):
+            for j, res in enumerate(st.resnets):
+                x = res(x, temb)
+                rec(f"down_blocks.{i}.resnets.{j}", x)
+                if len(st.attentions):
+                    x = layer(f"down_blocks.{i}", st, j, i, x)
+                skips.append(x)
+            if st.sampler is not None:
+                x = st.sampler(x)
+                rec(f"down_blocks.{i}.downsamplers.0", x)
+                skips.append(x)
+            rec(f"down_blocks.{i}", x)
+        mid = self.mid_block
+        x = mid.resnets[0](x, temb)
+        rec("mid_block.resnets.0", x)
+        x = layer("mid_block", mid, 0, n - 1, x)
+        x = mid.resnets[1](x, temb)
+        rec("mid_block.resnets.1", x)
+        rec("mid_block", x)
+        for i, st in enumerate(self.up_blocks):
+            for j, res in enumerate(st.resnets):
+                x = res(torch.cat([x, skips.pop()], dim=1), temb)
+                rec(f"up_blocks.{i}.resnets.{j}", x)
+                if len(st.attentions):
+                    x = layer(f"up_blocks.{i}", st, j, n - 1 - i, x)
+            if st.sampler is not None:
+                x = st.sampler(x)
+                rec(f"up_blocks.{i}.upsamplers.0", x)
+            rec(f"up_blocks.{i}", x)
+        return x
+
+
+class ReferenceUNet(_UNet):
+    """2-D UNet run once per clip on the reference latents (timestep 0); only its features are used."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg, denoising=False)
+
+    def forward(self, sample: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sample (R, 4, h, w); context (2, N, D). Row i is paired with context row i mod 2 (the
+        released tiling). Returns {attention path: normed features (R, L, C)}."""
+        bank: dict[str, torch.Tensor] = {}
+        context = context.repeat(sample.shape[0] // context.shape[0], 1, 1)
+
+        def layer(path, st, j, level, x):
+            x, bank[f"{path}.attentions.{j}"] = st.attentions[j].write(x, context)
+            return x
+
+        t = torch.zeros(1, dtype=torch.long, device=sample.device)
+        self._run(self.conv_in(sample), self._time(t, sample.dtype), layer)
+        return bank
+
+
+@dataclass
+class ClipConditioning:
+    """Per-clip inputs of the denoising UNet in the released layout; rows are [uncond, cond]."""
+
+    context: torch.Tensor  # (2, 77 + 4, D) text + identity tokens, or (2f, 81, D) per frame
+    face_features: torch.Tensor  # (2, C0, f, h, w): zeros, face-locator features
+    audio: torch.Tensor  # (2, f, T, Da): zeros, audio tokens
+    emotion: torch.Tensor  # (2f, 77, D): conditional emotion text for every row
+    masks: dict[str, list[torch.Tensor]]  # "full"/"face"/"lip" -> 4 levels of (2f, h_l * w_l)
+    motion_scale: tuple[float, float, float]  # full (pose), face, lip
+
+
+@dataclass
+class ClipContext:
+    """Everything the denoising UNet needs that does not change between steps of one clip."""
+
+    face: torch.Tensor  # (2f, C0, h, w)
+    layers: dict[str, dict]
+    masks: list[list[torch.Tensor]]  # per level: [full, face, lip]
+    scales: tuple[float, float, float]
+
+
+class DenoisingUNet(_UNet):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg, denoising=True)
+
+    def _layers(self):
+        for i, st in enumerate(self.down_blocks):
+            yield f"down_blocks.{i}", st, i
+        yield "mid_block", self.mid_block, len(self.down_blocks) - 1
+        for i, st in enumerate(self.up_blocks):
+            yield f"up_blocks.{i}", st, len(self.up_blocks) - 1 - i
+
+    @torch.no_grad()
+    def prepare(self, cond: ClipConditioning, reference: dict[str, torch.Tensor]) -> ClipContext:
+        """Project everything step-invariant once: reference keys/values, text/identity keys/values,
+        the emotive audio context and its keys/values, and motion-frame features."""
+        dtype = self.conv_in.weight.dtype
+        b, c0, f, h, w = cond.face_features.shape
+        audio = cond.audio.flatten(0, 1).to(dtype)
+        emotion = cond.emotion.to(dtype)
+        context = cond.context.to(dtype)
+        layers = {}
+        for path, st, level in self._layers():
+            for j in range(len(st.attentions)):
+                key = f"{path}.attentions.{j}"
+                # The released code stores reference features in fp16, also in fp32 runs.
+                bank = reference[key].to(torch.float16).to(dtype)
+                bank = bank.view(b, -1, *bank.shape[1:])  # (2, 1 + m, L, C)
+                block = st.attentions[j].transformer_blocks[0]
+                hl, wl = h >> level, w >> level
+                layers[key] = {
+                    "ref_kv": block.attn1.kv(bank[:, 0]),
+                    "cross_kv": block.attn2.kv(context),
+                    "motion": bank[:, 1:].transpose(-1, -2).reshape(b, -1, bank.shape[-1], hl, wl),
+                    "audio_kv": st.audio_modules[j].prepare(audio, emotion),
+                }
+        masks = [[cond.masks[r][lvl].to(dtype) for r in ("full", "face", "lip")] for lvl in range(len(self.down_blocks))]
+        face = cond.face_features.transpose(1, 2).reshape(b * f, c0, h, w).to(dtype)
+        return ClipContext(face, layers, masks, tuple(float(s) for s in cond.motion_scale))
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, ctx: ClipContext, trace: Trace = None) -> torch.Tensor:
+        """sample (2, 4, f, h, w) -> model output (2, 4, f, h, w). The released inference runs this
+        network's training-mode branch; this is that branch: motion frames enter every motion module
+        of the cross-attention stages, the motion modules of the first up / last down stage are
+        skipped, and `motion_scale` reaches every audio module."""
+        b, c, f, h, w = sample.shape
+        rec = _recorder(trace)
+        x = self.conv_in(sample.transpose(1, 2).reshape(b * f, c, h, w))
+        rec("conv_in", x)
+        x = x + ctx.face
+
+        def layer(path, st, j, level, x):
+            lc = ctx.layers[f"{path}.attentions.{j}"]
+            x = st.attentions[j].read(x, lc["ref_kv"], lc["cross_kv"])
+            rec(f"{path}.attentions.{j}", x)
+            x = st.audio_modules[j](x, lc["audio_kv"], ctx.masks[level], ctx.scales)
+            rec(f"{path}.audio_modules.{j}", x)
+            x = st.motion_modules[j](x, lc["motion"])
+            rec(f"{path}.motion_modules.{j}", x)
+            return x
+
+        x = self._run(x, self._time(t, x.dtype), layer, rec)
+        x = self.conv_norm_out(x)
+        rec("conv_norm_out", x)
+        x = self.conv_out(F.silu(x))
+        rec("conv_out", x)
+        return x.view(b, f, -1, h, w).transpose(1, 2)
