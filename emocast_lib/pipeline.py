@@ -1,0 +1,151 @@
+"""End to end: prepared inputs -> video frames, clip by clip (used by the CLI and the sampler node).
+
+The VAE is injected as two callables so that ComfyUI's VAE object and a diffusers AutoencoderKL both
+fit: `encode(pixels (N, 3, H, W) in [-1, 1]) -> unscaled latent mean (N, 4, h, w)` and
+`decode(unscaled latents (N, 4, h, w)) -> pixels (N, 3, H, W) in [0, 1]`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .config import SamplingConfig
+from .models import ClipConditioning, EmoCASTNet
+from .sampling import OnStep, ShouldStop, denoise_clip
+
+REGIONS = ("full", "face", "lip")
+
+
+@dataclass
+class Vae:
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    decode_batch: int = 8  # frames per decode call: bounds memory at large sizes
+
+
+@dataclass
+class Portrait:
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1], square, H divisible by 64
+    identity: torch.Tensor  # (E,) raw face-recognition embedding; zeros = no identity (reference fallback)
+    face_region: torch.Tensor  # (3, H, W) in [0, 1]
+    masks: dict[str, list[torch.Tensor]]  # "full"/"face"/"lip" -> 4 levels of (h_l * w_l,) in [0, 1]
+
+
+@dataclass
+class Emotion:
+    cond: torch.Tensor  # (1 or frames, 77, D): emotion prompt hidden states, one row per video frame
+    uncond: torch.Tensor  # (1, 77, D): empty prompt
+
+
+@dataclass
+class AudioWindows:
+    windows: torch.Tensor  # (frames, 5, layers, C); frames a multiple of the clip length
+    length: int  # real frame count; the video is trimmed to it
+
+
+@dataclass
+class ClipResult:
+    index: int
+    frames: torch.Tensor  # (n, 3, H, W) float32 in [0, 1] on the CPU, already trimmed to the audio
+    latents: torch.Tensor  # (1, 4, n, h, w) in the model's scale (VAE latents x 0.18215)
+
+
+def num_clips(audio: AudioWindows, settings: SamplingConfig) -> int:
+    return audio.windows.shape[0] // settings.frames_per_clip
+
+
+def _per_frame(cond: torch.Tensor, frames: int) -> torch.Tensor:
+    if cond.shape[0] == 1:
+        return cond.expand(frames, -1, -1)
+    if cond.shape[0] < frames:  # a schedule covering the real frames: hold its last row over the padding
+        cond = torch.cat([cond, cond[-1:].expand(frames - cond.shape[0], -1, -1)])
+    return cond[:frames]
+
+
+@torch.no_grad()
+def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindows, emotion: Emotion,
+               settings: SamplingConfig = SamplingConfig(), on_step: OnStep | None = None,
+               should_stop: ShouldStop | None = None, noise: Callable[[int], torch.Tensor] | None = None,
+               ) -> Iterator[ClipResult]:
+    """Generate the video clip by clip; memory does not grow with the audio length.
+
+    `noise(clip)` may supply each clip's initial latents; by default one CPU generator seeded with
+    `settings.seed` draws them in turn, as the released script does with its global generator."""
+    p = next(net.parameters())
+    device, dtype = p.device, p.dtype
+    f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
+    total = audio.windows.shape[0]
+    if total % f:
+        raise ValueError(f"audio windows cover {total} frames, not a multiple of the clip length {f}")
+    emo = _per_frame(emotion.cond, total).to(device, dtype)
+    uncond_text = emotion.uncond.reshape(1, *emotion.uncond.shape[-2:]).to(device, dtype)
+    src = portrait.pixels.to(device, dtype)
+    _, H, W = src.shape
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    draw = noise or (lambda clip: torch.randn((1, 4, f, H // 8, W // 8), generator=generator))
+
+    # Clip-invariant conditioning, computed once for the whole video.
+    ident = portrait.identity.reshape(1, -1).to(device, dtype)
+    image_tokens = net.imageproj(torch.cat([torch.zeros_like(ident), ident]))  # (2, 4, D)
+    region = portrait.face_region.to(device, dtype).expand(3, H, W)
+    feats = net.face_locator(region[None].expand(f, -1, -1, -1))  # (f, C0, h, w)
+    feats = feats.transpose(0, 1)[None]
+    face = torch.cat([torch.zeros_like(feats), feats])  # (2, C0, f, h, w)
+    masks = {r: [lvl.to(device, dtype).reshape(1, -1).expand(2 * f, -1) for lvl in portrait.masks[r]] for r in REGIONS}
+
+    prev: torch.Tensor | None = None
+    for clip in range(total // f):
+        frames = slice(clip * f, (clip + 1) * f)
+        tokens = net.audioproj(audio.windows[frames][None].to(device, dtype))  # (1, f, T, Da)
+        clip_emo = emo[frames]
+        text = torch.cat([uncond_text.expand(f, -1, -1), clip_emo])  # (2f, 77, D)
+        context = torch.cat([text, image_tokens.repeat_interleave(f, 0)], dim=1)  # (2f, 81, D)
+        # The reference pass sees one emotion per clip: the clip's middle frame.
+        ref_context = context[[f // 2, f + f // 2]]
+        ref_frames = torch.stack([src] * (1 + m)) if prev is None else torch.cat([src[None], prev[-m:]])
+        ref_latents = vae.encode(ref_frames) * scale
+        bank = net.reference_unet(ref_latents.to(device, dtype).repeat(2, 1, 1, 1), ref_context)
+        cond = ClipConditioning(context=_collapse(context, f), face_features=face,
+                                audio=torch.cat([torch.zeros_like(tokens), tokens]),
+                                emotion=torch.cat([clip_emo, clip_emo]), masks=masks,
+                                motion_scale=settings.motion_scale)
+        ctx = net.denoising_unet.prepare(cond, bank)
+        latents = draw(clip).to(device, dtype)
+        latents = denoise_clip(net.denoising_unet, ctx, latents, settings.steps, settings.cfg_scale, clip,
+                               on_step, should_stop)
+        video = decode_frames(vae, latents[0].transpose(0, 1) / scale)  # (f, 3, H, W) in [0, 1]
+        prev = video.to(device, dtype) * 2 - 1
+        keep = min(f, audio.length - clip * f)
+        yield ClipResult(clip, video[:keep].float().cpu(), latents[:, :, :keep].float().cpu())
+
+
+def _collapse(context: torch.Tensor, f: int) -> torch.Tensor:
+    """(2f, N, D) -> (2, N, D) when every frame of each half is the same (a single emotion): the
+    denoising UNet then projects one text row per half, as the released code does."""
+    halves = context.view(2, f, *context.shape[1:])
+    return halves[:, 0] if bool((halves == halves[:, :1]).all()) else context
+
+
+def decode_frames(vae: Vae, latents: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents (n, 4, h, w) -> (n, 3, H, W) in [0, 1], a bounded batch at a time."""
+    return torch.cat([vae.decode(chunk).clamp(0, 1) for chunk in latents.split(vae.decode_batch)])
+
+
+def generate(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindows, emotion: Emotion,
+             settings: SamplingConfig = SamplingConfig(), **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole video in memory: frames (n, 3, H, W) in [0, 1] and latents (1, 4, n, h, w)."""
+    clips = list(iter_clips(net, vae, portrait, audio, emotion, settings, **kwargs))
+    return torch.cat([c.frames for c in clips]), torch.cat([c.latents for c in clips], dim=2)
+
+
+def diffusers_vae(model, decode_batch: int = 8) -> Vae:
+    """Adapter for a diffusers `AutoencoderKL` (the CLI's VAE and the parity tests')."""
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return model.encode(x.to(model.device, model.dtype)).latent_dist.mean
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return model.decode(z.to(model.device, model.dtype)).sample / 2 + 0.5
+
+    return Vae(encode, decode, decode_batch)

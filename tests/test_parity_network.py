@@ -1,0 +1,199 @@
+"""Parity of the network, VAE path and sampler with the reference fixtures (fixtures/parity README).
+
+Weights come from the fill rule (no real weights exist here); tolerances are the README's §7."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emocast_lib.config import NetConfig, SamplingConfig
+from emocast_lib.fill import fill_tensor, tensor_sha256
+from emocast_lib.models import ClipConditioning
+from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, iter_clips
+from emocast_lib.sampling import make_scheduler
+from emocast_lib.tiny import TINY_NET, TINY_VAE, filled_net, filled_vae
+
+REGIONS = ("full", "face", "lip")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, max_tol: float, rms_tol: float, what: str):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    d = (actual.double() - expected.double()).abs()
+    mx, rms = d.max().item(), d.pow(2).mean().sqrt().item()
+    assert mx <= max_tol and rms <= rms_tol, f"{what}: max {mx:.3g} (tol {max_tol}), rms {rms:.3g} (tol {rms_tol})"
+
+
+def read_manifest(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def cfg(parity_dir) -> dict:
+    return json.loads((parity_dir / "tiny_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def net(parity_dir, cfg):
+    return filled_net(NetConfig.from_dict(cfg), cfg["run"]["weight_seed"])
+
+
+@pytest.fixture(scope="module")
+def vae(cfg):
+    return filled_vae(cfg["vae_autoencoder_kl_config"], cfg["run"]["weight_seed"])
+
+
+def load(parity_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(parity_dir / name)
+
+
+def test_parity_fill_rule_matches_manifest_sha256(parity_dir, cfg):
+    seed = cfg["run"]["weight_seed"]
+    rows = read_manifest(parity_dir / "tiny_net_manifest.tsv")
+    rows += [r[1:] for r in read_manifest(parity_dir / "tiny_aux_manifest.tsv")]
+    bad = [key for key, shape, _, sha in rows
+           if tensor_sha256(fill_tensor(seed, key, [int(s) for s in shape.split("x")])) != sha]
+    assert not bad, f"{len(bad)} fills differ, e.g. {bad[:3]}"
+
+
+def test_parity_tiny_config_is_the_shipped_tiny_model(cfg):
+    """`make-tiny-models` writes the fixture's tiny sizes (so the shipped tiny model is checkable)."""
+    assert NetConfig.from_dict(cfg) == TINY_NET
+    assert {k: v for k, v in cfg["vae_autoencoder_kl_config"].items() if k in TINY_VAE} == TINY_VAE
+
+
+def test_parity_filled_net_keys_and_shapes(parity_dir, net):
+    expected = {key: tuple(int(s) for s in shape.split("x")) for key, shape, *_ in
+                read_manifest(parity_dir / "tiny_net_manifest.tsv")}
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == expected
+
+
+def test_parity_modules(parity_dir, net):
+    m = load(parity_dir, "modules.safetensors")
+    with torch.no_grad():
+        for c in (0, 1):
+            assert_close(net.audioproj(m[f"audio_proj.clip{c}.input"]), m[f"audio_proj.clip{c}.output"],
+                         1e-5, 1e-6, f"audio_proj clip {c}")
+        for half in ("cond", "uncond"):
+            assert_close(net.imageproj(m[f"image_proj.{half}.input"]), m[f"image_proj.{half}.output"],
+                         1e-5, 1e-6, f"image_proj {half}")
+        x = m["face_locator.input"]
+        b, c, f, h, w = x.shape
+        out = net.face_locator(x.transpose(1, 2).reshape(b * f, c, h, w))
+        assert_close(out.reshape(b, f, *out.shape[1:]).transpose(1, 2), m["face_locator.output"], 1e-5, 1e-6,
+                     "face_locator")
+
+
+def test_parity_vae(parity_dir, vae):
+    v = load(parity_dir, "vae.safetensors")
+    codec = diffusers_vae(vae)
+    with torch.no_grad():
+        for c in (0, 1):
+            assert_close(codec.encode(v[f"clip{c}.encode.input"]), v[f"clip{c}.encode.latent_mean"], 1e-5, 1e-6,
+                         f"VAE encode clip {c}")
+            z = v[f"clip{c}.decode.input_latents_scaled"][0].transpose(0, 1) / 0.18215
+            video = codec.decode(z).clamp(0, 1).transpose(0, 1)[None]
+            assert_close(video, v[f"clip{c}.decode.video"], 1e-5, 1e-6, f"VAE decode clip {c}")
+
+
+def _step_conditioning(s: dict[str, torch.Tensor]) -> ClipConditioning:
+    d = {k.removeprefix("denoising_unet."): v for k, v in s.items() if k.startswith("denoising_unet.")}
+    masks = {r: [d[f"{r}_mask.{lvl}"] for lvl in range(4)] for r in REGIONS}
+    return ClipConditioning(d["encoder_hidden_states"], d["mask_cond_fea"], d["audio_embedding"], d["emo_label"],
+                            masks, tuple(d["motion_scale"].tolist()))
+
+
+def test_parity_unet_step(parity_dir, net):
+    s = load(parity_dir, "unet_step.safetensors")
+    inter = load(parity_dir, "unet_step_intermediates.safetensors")
+    with torch.no_grad():
+        bank = net.reference_unet(s["reference_unet.sample"], s["reference_unet.encoder_hidden_states"])
+        for key, value in bank.items():
+            assert_close(value, s[f"reference_bank.{key}.transformer_blocks.0"], 1e-4, 1e-5, f"reference bank {key}")
+        ctx = net.denoising_unet.prepare(_step_conditioning(s), bank)
+        trace: dict[str, torch.Tensor] = {}
+        out = net.denoising_unet(s["denoising_unet.sample"], s["denoising_unet.timestep"], ctx, trace)
+    # Localise a divergence first: every executed sub-block, in call order (scaled tolerance: the
+    # stages are not unit scale; the fp16 reference bank sets the floor).
+    order = json.loads(load_meta(parity_dir / "unet_step_intermediates.safetensors")["call_order"])
+    assert set(order) == set(trace), f"executed blocks differ: {sorted(set(order) ^ set(trace))}"
+    for name in order:
+        ours, ref = trace[name], inter[name]
+        if ours.dim() == 4:  # folded (2f, C, h, w) -> (2, C, f, h, w)
+            ours = ours.view(2, -1, *ours.shape[1:]).transpose(1, 2)
+        ref = ref[:, :, -ours.shape[2]:]  # motion-module outputs also hold the motion frames
+        scale = ref.std().item()
+        assert_close(ours, ref, 2e-3 * max(scale, 1), 2e-4 * max(scale, 1), f"sub-block {name}")
+    assert_close(out, s["denoising_unet.output"], 2e-4, 2e-5, "unet step output")
+
+
+def load_meta(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return fh.metadata()
+
+
+def _portrait(p: dict[str, torch.Tensor], src: torch.Tensor) -> Portrait:
+    return Portrait(pixels=src, identity=p["face_emb"][0], face_region=p["face_region"][0],
+                    masks={r: [p[f"{r}_mask.{lvl}"][0] for lvl in range(4)] for r in REGIONS})
+
+
+def _settings(cfg: dict, p: dict[str, torch.Tensor], steps: int) -> SamplingConfig:
+    run = cfg["run"]
+    return SamplingConfig(steps=steps, cfg_scale=run["cfg_scale"], frames_per_clip=run["n_sample_frames"],
+                          motion_frames=run["n_motion_frames"], motion_scale=tuple(p["motion_scale"].tolist()))
+
+
+def test_parity_scheduler(parity_dir, cfg):
+    p = load(parity_dir, "pipeline_clip0.safetensors")
+    sched = make_scheduler(len(p["timesteps"]))
+    assert torch.equal(sched.timesteps, p["timesteps"])
+    assert_close(sched.alphas_cumprod, p["scheduler.alphas_cumprod"], 1e-7, 1e-8, "alphas_cumprod")
+
+
+def test_parity_pipeline_clip0(parity_dir, cfg, net, vae):
+    p = load(parity_dir, "pipeline_clip0.safetensors")
+    m = load(parity_dir, "modules.safetensors")
+    f = cfg["run"]["n_sample_frames"]
+    steps: dict[int, dict] = {}
+    encoded = []
+    codec = diffusers_vae(vae)
+    encode = codec.encode
+    codec.encode = lambda x: encoded.append(encode(x)) or encoded[-1]
+    windows = m["audio_proj.windowed_audio_features"][:f]
+    clips = iter_clips(net, codec, _portrait(p, p["ref_image"][0, 0]), AudioWindows(windows, f),
+                       Emotion(p["emo_text_emb.cond"], p["emo_text_emb.uncond"]),
+                       _settings(cfg, p, len(p["timesteps"])), noise=lambda c: p["initial_latents"],
+                       on_step=lambda clip, i, lat: steps.setdefault(i, {"latents_out": lat.clone()}))
+    result = next(clips)
+    assert_close(encoded[0] * 0.18215, p["ref_image_latents"], 1e-5, 1e-6, "reference latents")
+    for i in sorted(steps):
+        assert_close(steps[i]["latents_out"], p[f"step{i}.latents_out"], 1e-3, 1e-4, f"step {i} latents")
+    assert_close(result.latents, p["final_latents"], 1e-3, 1e-4, "final latents")
+    assert_close(result.frames.transpose(0, 1)[None], p["video"], 5e-4, 5e-5, "clip 0 video")
+
+
+def test_parity_multiclip(parity_dir, cfg, net, vae):
+    mc = load(parity_dir, "multiclip.safetensors")
+    p = load(parity_dir, "pipeline_clip0.safetensors")
+    m = load(parity_dir, "modules.safetensors")
+    length = int(mc["audio_length"])
+    refs = []
+    codec = diffusers_vae(vae)
+    encode = codec.encode
+    codec.encode = lambda x: refs.append(x) or encode(x)
+    clips = list(iter_clips(net, codec, _portrait(p, mc["source_image_pixels"]),
+                            AudioWindows(m["audio_proj.windowed_audio_features"], length),
+                            Emotion(p["emo_text_emb.cond"], p["emo_text_emb.uncond"]),
+                            _settings(cfg, p, len(p["timesteps"])), noise=lambda c: mc[f"clip{c}.initial_latents"]))
+    assert len(clips) == 2
+    assert_close(refs[1], mc["clip1.ref_image"][0], 2e-3, 2e-4, "clip 1 reference frames (motion frames)")
+    assert_close(clips[0].latents, mc["clip0.final_latents"], 1e-3, 1e-4, "clip 0 final latents")
+    assert_close(clips[1].latents, mc["clip1.final_latents"][:, :, : clips[1].latents.shape[2]], 5e-3, 5e-4,
+                 "clip 1 final latents")
+    video = torch.cat([c.frames for c in clips]).transpose(0, 1)
+    assert_close(video, mc["final_video"], 2e-3, 2e-4, "final video")
