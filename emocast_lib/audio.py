@@ -1,0 +1,216 @@
+"""Speech -> wav2vec2 features exactly as the EmoCAST/Hallo reference computes them.
+
+Stages (fixtures/preprocess/README.md §1.3): 16 kHz mono waveform -> zero-mean/unit-variance
+normalisation -> frame count `ceil(seconds * fps)` and zero padding to whole clips -> wav2vec2 conv
+features linearly interpolated (align_corners=True) to one step per video frame -> the 12 transformer
+layer outputs -> 5-frame windows. Optional vocal separation follows §1.5.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AudioFeatures", "to_16k_mono", "load_audio_file", "normalize", "load_wav2vec2", "encode_audio",
+    "window_frames", "separate_vocals", "load_separated_16k", "SEPARATOR_FILES",
+]
+
+SAMPLE_RATE = 16000
+WINDOW = 2  # frames each side: the audio projector sees frames i-2 .. i+2
+
+
+def _check_wave(wave: np.ndarray, what: str) -> None:
+    if wave.size == 0 or wave.shape[-1] == 0:
+        raise ValueError(f"{what} is empty (0 samples): connect or load audio that contains speech")
+    if not np.isfinite(wave).all():
+        raise ValueError(f"{what} contains NaN or infinite samples: re-export or re-decode the audio file")
+
+
+def to_16k_mono(waveform: torch.Tensor | np.ndarray, sample_rate: int) -> np.ndarray:
+    """[channels, samples] or [samples] float audio at any rate -> float32 16 kHz mono (samples,).
+
+    As librosa.load(sr=16000) in the reference: float32 channel mean, soxr "HQ" resampling, then
+    zero-padded or cut to ceil(n * 16000 / sample_rate) samples. Native 16 kHz input is not resampled.
+    For ComfyUI's AUDIO pass `audio["waveform"][0]`.
+    """
+    wave = waveform.detach().cpu().float().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform, np.float32)
+    if wave.ndim not in (1, 2):
+        raise ValueError(f"audio waveform must be [channels, samples] or [samples], got shape {tuple(wave.shape)}")
+    if int(sample_rate) <= 0:
+        raise ValueError(f"audio sample rate must be a positive integer, got {sample_rate}")
+    _check_wave(wave, "audio waveform")
+    mono = wave.mean(axis=0, dtype=np.float32) if wave.ndim == 2 else wave
+    if sample_rate == SAMPLE_RATE:
+        return np.ascontiguousarray(mono, dtype=np.float32)
+    n_out = int(np.ceil(mono.shape[-1] * (float(SAMPLE_RATE) / sample_rate)))
+    out = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+    return np.pad(out, (0, max(0, n_out - len(out))))[:n_out]
+
+
+def load_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
+    """Decode an audio file with soundfile (16-bit PCM -> value/32768) -> (float32 [channels, samples], rate)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file not found: {path}")
+    try:
+        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as e:
+        raise ValueError(f"cannot decode audio file {path}: {e}; convert it to WAV or FLAC") from e
+    return np.ascontiguousarray(data.T), int(rate)
+
+
+def normalize(wave16k: np.ndarray) -> np.ndarray:
+    """Wav2Vec2FeatureExtractor's zero-mean/unit-variance step (population variance, eps 1e-7), float32."""
+    x = np.asarray(wave16k, np.float32)
+    return (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+
+
+def load_wav2vec2(folder: str | Path):
+    """Wav2Vec2Model from a local folder (config.json + model.safetensors), eval mode, fp32.
+
+    Accepts the bare `Wav2Vec2Model` layout and the public `wav2vec2-base-960h` layout (`wav2vec2.`
+    prefix, `weight_g`/`weight_v`, unused `lm_head`). Only safetensors weights are read (no pickle).
+    """
+    from transformers import Wav2Vec2Model
+
+    folder = Path(folder)
+    missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"wav2vec2 folder {folder} lacks {', '.join(missing)}: it must hold the wav2vec2-base-960h "
+            "checkpoint's config.json and model.safetensors (pickled .bin weights are not loaded)")
+    model, info = Wav2Vec2Model.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
+                                                local_files_only=True, torch_dtype=torch.float32)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(f"{folder / 'model.safetensors'} is not a matching wav2vec2 checkpoint: missing "
+                         f"{sorted(info['missing_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}")
+    if model.config.do_stable_layer_norm:
+        raise ValueError(f"{folder} is a stable-layer-norm (large) wav2vec2; EmoCAST uses wav2vec2-base-960h")
+    return model.eval()
+
+
+@dataclass
+class AudioFeatures:
+    """Audio conditioning for one utterance; `windowed[16t:16t+16]` feeds clip t (clip_length 16)."""
+
+    waveform: np.ndarray              # (n,) float32 16 kHz mono, as given
+    input_values: np.ndarray          # (n,) normalised
+    encoder_input_values: np.ndarray  # (n + pad_frames * 16000 // fps,) zero-padded to whole clips
+    conv_features: torch.Tensor       # (T_conv, C) conv feature encoder output
+    interp_features: torch.Tensor     # (seq_len, C) interpolated to one step per video frame
+    audio_emb: torch.Tensor           # (seq_len, layers, C) transformer layer outputs
+    windowed: torch.Tensor            # (seq_len, 5, layers, C) frames i-2..i+2, clamped at the ends
+    seq_len: int                      # frames after padding (multiple of clip_length)
+    audio_length: int                 # real frames: trim the generated video to this
+    num_clips: int
+
+
+def window_frames(emb: torch.Tensor, radius: int = WINDOW) -> torch.Tensor:
+    """(T, ...) -> (T, 2*radius+1, ...): frame i with its neighbours, indices clamped into [0, T-1]."""
+    idx = (torch.arange(emb.shape[0])[:, None] + torch.arange(-radius, radius + 1)).clamp(0, emb.shape[0] - 1)
+    return emb[idx]
+
+
+@torch.inference_mode()
+def encode_audio(wave16k: np.ndarray, encoder, fps: int = 25, clip_length: int = 16) -> AudioFeatures:
+    """16 kHz mono waveform + Wav2Vec2Model -> AudioFeatures (README §1.3 steps 2-7)."""
+    wave = np.asarray(wave16k, np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"encode_audio expects 16 kHz mono (samples,), got shape {tuple(wave.shape)}; use to_16k_mono")
+    _check_wave(wave, "audio waveform")
+    if len(wave) < SAMPLE_RATE / fps:
+        raise ValueError(f"audio is {len(wave)} samples at 16 kHz ({len(wave) / SAMPLE_RATE * 1000:.1f} ms), "
+                         f"shorter than one video frame at {fps} fps: use at least {SAMPLE_RATE // fps} samples")
+    values = normalize(wave)
+    audio_length = seq_len = math.ceil(len(values) / SAMPLE_RATE * fps)
+    pad_frames = -seq_len % clip_length
+    # The reference appends pad_frames * 640 samples to the unpadded count (not seq_len * 640).
+    padded = np.pad(values, (0, pad_frames * (SAMPLE_RATE // fps)))
+    seq_len += pad_frames
+
+    param = next(encoder.parameters())
+    x = torch.from_numpy(padded).to(param.device, param.dtype)[None]
+    conv = encoder.feature_extractor(x)  # (1, C, T_conv)
+    interp = F.interpolate(conv, size=seq_len, mode="linear", align_corners=True).transpose(1, 2)
+    hidden = encoder.feature_projection(interp)[0]
+    enc = encoder.encoder
+    hidden = enc.layer_norm(hidden + enc.pos_conv_embed(hidden))
+    layers = []
+    for layer in enc.layers:
+        out = layer(hidden, attention_mask=None)
+        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x a tensor
+        layers.append(hidden[0])
+    audio_emb = torch.stack(layers, dim=1).float().cpu()
+    return AudioFeatures(
+        waveform=wave, input_values=values, encoder_input_values=padded,
+        conv_features=conv[0].T.float().cpu(), interp_features=interp[0].float().cpu(), audio_emb=audio_emb,
+        windowed=window_frames(audio_emb), seq_len=seq_len, audio_length=audio_length,
+        num_clips=seq_len // clip_length,
+    )
+
+
+# --- optional vocal separation (README §1.5) -------------------------------------------------------
+
+SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
+SEPARATOR_FILES = (SEPARATOR_MODEL, "download_checks.json", "mdx_model_data.json", "vr_model_data.json")
+
+
+def separate_vocals(audio_path: str | Path, model_dir: str | Path, output_dir: str | Path) -> Path:
+    """Vocals of `audio_path` with audio-separator + Kim_Vocal_2.onnx, fully offline -> 44.1 kHz WAV path.
+
+    `model_dir` must hold the model and audio-separator's three JSON files (without them the package
+    tries to download them). Load the result with `load_separated_16k`, as the reference does.
+    """
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    missing = [f for f in SEPARATOR_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"vocal separation needs {', '.join(missing)} in {model_dir}. On a machine with internet run "
+            f"`audio-separator --download_model_only -m {SEPARATOR_MODEL} --model_file_dir <folder>` and copy "
+            f"all four files ({', '.join(SEPARATOR_FILES)}) there, or disable vocal separation")
+    try:
+        from audio_separator.separator import Separator
+    except ImportError as e:
+        raise ImportError(
+            "vocal separation needs the optional package audio-separator: "
+            "`pip install \"audio-separator[cpu]\"` (or `[gpu]`), or disable vocal separation") from e
+    output_dir.mkdir(parents=True, exist_ok=True)
+    separator = Separator(output_dir=str(output_dir), output_single_stem="vocals",
+                          model_file_dir=str(model_dir), output_format="WAV")
+    separator.load_model(model_filename=SEPARATOR_MODEL)
+    outputs = separator.separate(str(audio_path))
+    if not outputs:
+        raise RuntimeError(f"audio-separator produced no vocals file for {audio_path}")
+    return output_dir / Path(outputs[0]).name
+
+
+def load_separated_16k(path: str | Path) -> np.ndarray:
+    """Load a separated-vocals WAV as the reference does -> float32 16 kHz mono.
+
+    The reference resamples that file with the ffmpeg CLI (`-ar 16000`: libswresample defaults, 16-bit
+    PCM, channels kept) before librosa averages the channels; PyAV's resampler is the same library.
+    """
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"separated vocals file not found: {path}")
+    pcm, rate = soundfile.read(path, dtype="int16", always_2d=True)
+    _check_wave(pcm.T, f"separated vocals {path.name}")
+    if rate != SAMPLE_RATE:
+        layout = {1: "mono", 2: "stereo"}.get(pcm.shape[1])
+        if layout is None:
+            raise ValueError(f"{path} has {pcm.shape[1]} channels; vocal files are mono or stereo")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1), format="s16", layout=layout)
+        frame.sample_rate = rate
+        resampler = av.AudioResampler(format="s16", layout=layout, rate=SAMPLE_RATE)
+        frames = resampler.resample(frame) + resampler.resample(None)  # None flushes the filter tail
+        pcm = np.concatenate([f.to_ndarray() for f in frames], axis=1).reshape(-1, pcm.shape[1])
+    return (pcm.astype(np.float32) / 32768).mean(axis=1, dtype=np.float32)
