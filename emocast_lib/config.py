@@ -3,7 +3,7 @@ model is just another instance (`NetConfig.from_json` reads the fixtures' config
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ class NetConfig:
     face_locator: FaceLocatorConfig = field(default_factory=FaceLocatorConfig)
     image_proj: ImageProjConfig = field(default_factory=ImageProjConfig)
     audio_proj: AudioProjConfig = field(default_factory=AudioProjConfig)
+    # Pixel size the network was trained at; the portrait is resized to it as the reference does.
+    sample_size: int = 512
 
     @classmethod
     def from_json(cls, path: str | Path) -> "NetConfig":
@@ -95,20 +97,9 @@ class NetConfig:
                                        ip["cross_attention_dim"]),
             audio_proj=AudioProjConfig(ap["seq_len"], ap["blocks"], ap["channels"], ap["intermediate_dim"],
                                        ap["context_tokens"], ap["output_dim"]),
+            sample_size=base["sample_size"] * 8,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Flat, JSON-able form, stored in converted checkpoints so they describe their own sizes."""
-        return {f.name: {g.name: getattr(getattr(self, f.name), g.name) for g in fields(getattr(self, f.name))}
-                for f in fields(self)}
-
-    @classmethod
-    def from_flat(cls, d: dict[str, Any]) -> "NetConfig":
-        def build(kind, values):
-            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-        return cls(build(UNetConfig, d["unet"]), build(FaceLocatorConfig, d["face_locator"]),
-                   build(ImageProjConfig, d["image_proj"]), build(AudioProjConfig, d["audio_proj"]))
 
 
 @dataclass(frozen=True)

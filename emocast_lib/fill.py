@@ -39,9 +39,10 @@ def fill_tensor(seed: int, key: str, shape: Iterable[int]) -> torch.Tensor:
     if len(shape) >= 2:
         # The scale is rounded to float32 before the multiply, as in the fixtures.
         return noise * torch.tensor(1.0 / math.sqrt(noise.numel() // shape[0]), dtype=torch.float32)
-    if key.endswith(".weight"):
+    if len(shape) == 1 and key.endswith(".weight"):
         return noise * 0.1 + 1.0
-    if key.endswith(".bias"):
+    if len(shape) == 1:
+        # Biases; also other 1-D tensors such as wav2vec2's `masked_spec_embed` (as the preprocess fixtures).
         return noise * 0.1
     raise ValueError(f"the fill rule has no case for {key} with shape {shape}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from .config import SamplingConfig
@@ -50,6 +51,24 @@ class ClipResult:
     index: int
     frames: torch.Tensor  # (n, 3, H, W) float32 in [0, 1] on the CPU, already trimmed to the audio
     latents: torch.Tensor  # (1, 4, n, h, w) in the model's scale (VAE latents x 0.18215)
+
+
+def make_portrait(image: np.ndarray, landmarks: np.ndarray, identity: np.ndarray, size: int,
+                  expand_ratio: float = 1.2) -> Portrait:
+    """RGB uint8 (H, W, 3) portrait + its (478, 2) pixel landmarks + identity embedding -> network inputs
+    at the model's native `size`, resized and masked exactly as the reference preprocessing."""
+    from .face import compute_masks, mask_sizes, reference_image
+
+    h, w = image.shape[:2]
+    if h != w:
+        raise ValueError(f"the portrait is {w}x{h}; EmoCAST takes square portraits (the original code would "
+                         f"stretch it): crop it square around the face with the Crop Portrait node")
+    masks = compute_masks(landmarks, h, w, expand_ratio, image_size=size)
+    sides = mask_sizes(size)
+    return Portrait(reference_image(image, size), torch.as_tensor(np.asarray(identity), dtype=torch.float32),
+                    masks.face_region, {"full": [masks.full_masks[s][0] for s in sides],
+                                        "face": [masks.face_masks[s][0] for s in sides],
+                                        "lip": [masks.lip_masks[s][0] for s in sides]})
 
 
 def num_clips(audio: AudioWindows, settings: SamplingConfig) -> int:
