@@ -87,13 +87,13 @@ def load_wav2vec2(folder: str | Path):
             f"wav2vec2 folder {folder} lacks {', '.join(missing)}: it must hold the wav2vec2-base-960h "
             "checkpoint's config.json and model.safetensors (pickled .bin weights are not loaded)")
     model, info = Wav2Vec2Model.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
-                                                local_files_only=True, torch_dtype=torch.float32)
+                                                local_files_only=True)
     if info["missing_keys"] or info["mismatched_keys"]:
         raise ValueError(f"{folder / 'model.safetensors'} is not a matching wav2vec2 checkpoint: missing "
                          f"{sorted(info['missing_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}")
     if model.config.do_stable_layer_norm:
         raise ValueError(f"{folder} is a stable-layer-norm (large) wav2vec2; EmoCAST uses wav2vec2-base-960h")
-    return model.eval()
+    return model.float().eval()
 
 
 @dataclass
