@@ -1,0 +1,106 @@
+"""EmoCAST Audio Encode and EmoCAST Vocal Separator."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import comfy.model_management as mm
+import folder_paths
+import soundfile
+import torch
+from comfy_api.latest import io, ui
+
+from emocast_lib import audio as audio_lib, layout
+
+from . import paths
+from .convert import audio_mono, fit_audio
+from .sockets import Audio, AudioEncoder
+from .types import AudioCond, EmoCASTInputError
+
+
+class AudioEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EmoCASTAudioEncode",
+            display_name="EmoCAST Audio Encode",
+            category="EmoCAST",
+            description="Speech -> EmoCAST audio features, exactly as the original code computes them (16 kHz "
+                        "mono, wav2vec2 features interpolated to one step per video frame, 5-frame windows). "
+                        "The video gets ceil(seconds x fps) frames.",
+            inputs=[
+                io.Audio.Input("audio", tooltip="Speech, any sample rate and channel count (channels are "
+                                                 "averaged). Use Load Audio, or EmoCAST Vocal Separator first "
+                                                 "for speech over music."),
+                AudioEncoder.Input("audio_encoder", tooltip="From EmoCAST Audio Encoder Loader."),
+                io.Int.Input("fps", default=25, min=1, max=60,
+                             tooltip="Video frame rate. EmoCAST was trained at 25 fps."),
+                io.Int.Input("clip_length", default=16, min=4, max=32,
+                             tooltip="Frames generated per clip (the model was trained with 16). The audio is "
+                                     "padded to whole clips and the video trimmed back to the speech."),
+            ],
+            outputs=[
+                Audio.Output("emocast_audio", tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
+                io.Audio.Output("fitted_audio", display_name="audio", tooltip="The input sound trimmed/padded to exactly the video's length "
+                                                 "(frames / fps), for Create Video."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, audio: dict, audio_encoder, fps: int, clip_length: int) -> io.NodeOutput:
+        wave, rate = audio_mono(audio)
+        try:
+            wave16k = audio_lib.to_16k_mono(wave, rate)
+            mm.load_models_gpu([audio_encoder], force_full_load=True)
+            feats = audio_lib.encode_audio(wave16k, audio_encoder.model, fps, clip_length)
+        except ValueError as e:
+            raise EmoCASTInputError(f"audio: {e}") from e
+        cond = AudioCond(feats.windowed, feats.audio_length, fps, clip_length,
+                         fit_audio(audio, feats.audio_length, fps))
+        seconds = len(wave16k) / audio_lib.SAMPLE_RATE
+        text = (f"{seconds:.2f} s of speech -> {feats.audio_length} frames at {fps} fps "
+                f"({feats.num_clips} clip(s) of {clip_length})")
+        return io.NodeOutput(cond, cond.audio, ui=ui.PreviewText(text))
+
+
+class VocalSeparator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EmoCASTVocalSeparator",
+            display_name="EmoCAST Vocal Separator",
+            category="EmoCAST",
+            description="Optional: keeps only the voice (Kim_Vocal_2 MDX model through the audio-separator "
+                        "package), as the original code does before encoding speech over music.",
+            inputs=[
+                io.Audio.Input("audio", tooltip="Sound with speech over music or noise."),
+                io.Combo.Input("separator_model", options=list(paths.separator_models()),
+                               tooltip=f"Separation model in models/{paths.FOLDER}/{paths.SEPARATOR_DIR}/, next to "
+                                       f"audio-separator's download_checks.json, mdx_model_data.json and "
+                                       f"vr_model_data.json. Download: {layout.SEPARATOR.source}"),
+            ],
+            outputs=[io.Audio.Output("vocals", tooltip="The separated voice, 16 kHz mono.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, separator_model: str) -> bool | str:
+        if separator_model not in paths.separator_models():
+            return paths.missing_folder("separator_model", separator_model, layout.SEPARATOR)
+        return True
+
+    @classmethod
+    def execute(cls, audio: dict, separator_model: str) -> io.NodeOutput:
+        model = paths.separator_models().get(separator_model)
+        if model is None:
+            raise FileNotFoundError(paths.missing_folder("separator_model", separator_model, layout.SEPARATOR))
+        if model.name != audio_lib.SEPARATOR_MODEL:
+            raise EmoCASTInputError(f"separator_model: only {audio_lib.SEPARATOR_MODEL} is supported, got {model.name}")
+        wave, rate = audio_mono(audio)
+        temp = Path(folder_paths.get_temp_directory())
+        temp.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=temp) as tmp:
+            src = Path(tmp) / "speech.wav"
+            soundfile.write(src, wave.T.cpu().numpy(), rate, subtype="FLOAT")
+            vocals = audio_lib.separate_vocals(src, model.parent, Path(tmp) / "out")
+            wave16k = audio_lib.load_separated_16k(vocals)
+        return io.NodeOutput({"waveform": torch.from_numpy(wave16k)[None, None], "sample_rate": audio_lib.SAMPLE_RATE})

@@ -1,0 +1,146 @@
+"""EmoCAST Face Analysis and EmoCAST Crop Portrait."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+from PIL import Image
+
+from emocast_lib import face as face_lib, layout
+
+from . import paths
+from .convert import mask_from_u8, single_image, to_uint8
+from .sockets import CropInfo as CropSocket, Face
+from .types import CropInfo, EmoCASTInputError, FaceInfo
+
+# Masks for the previews only: their shapes do not depend on this size (the sampler makes the
+# network's masks at its own size), so the smallest allowed one keeps the node fast.
+PREVIEW_MASK_SIZE = 64
+
+
+def face_models_input() -> io.Combo.Input:
+    return io.Combo.Input("face_models", options=list(paths.face_model_folders()),
+                          tooltip=f"Folder in models/{paths.FOLDER}/ with the InsightFace .onnx files (face "
+                                  f"detection + recognition) and {paths.LANDMARKER_NAME}. Download: "
+                                  f"{layout.FACE_ANALYSIS.source}")
+
+
+def face_folder(name: str) -> Path:
+    folder = paths.face_model_folders().get(name)
+    if folder is None:
+        raise FileNotFoundError(paths.missing_folder("face_models", name, layout.FACE_ANALYSIS))
+    return folder
+
+
+def validate_face_models(face_models: str) -> bool | str:
+    if face_models not in paths.face_model_folders():
+        return paths.missing_folder("face_models", face_models, layout.FACE_ANALYSIS)
+    return True
+
+
+def detect_landmarks(folder: Path, rgb: np.ndarray) -> np.ndarray:
+    with face_lib.LandmarkDetector(folder / paths.LANDMARKER_NAME) as detect:
+        try:
+            return detect(rgb)
+        except ValueError as e:
+            raise EmoCASTInputError(f"image: {e}") from e
+
+
+class FaceAnalysis(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EmoCASTFaceAnalysis",
+            display_name="EmoCAST Face Analysis",
+            category="EmoCAST",
+            description="Finds the face of the portrait: identity embedding (InsightFace), 478 landmarks "
+                        "(MediaPipe) and from them the face-region, face, lip and background masks EmoCAST "
+                        "attends with.",
+            inputs=[
+                io.Image.Input("image", tooltip="The portrait: one square image with one clearly visible face "
+                                                "(EmoCAST Crop Portrait makes one). Connect the same image to "
+                                                "EmoCAST Sampler."),
+                face_models_input(),
+                io.Float.Input("expand_ratio", default=1.2, min=1.0, max=2.0, step=0.05, round=0.01,
+                               tooltip="How far the face mask reaches beyond the face oval (1.2 in the "
+                                       "original). Larger allows more head motion."),
+                io.Boolean.Input("identity", default=True, label_on="face recognition",
+                                 label_off="none (zero embedding)",
+                                 tooltip="Identity embedding from face recognition; 'none' uses the zero "
+                                         "embedding the original code falls back to when it finds no face."),
+            ],
+            outputs=[
+                Face.Output("face", tooltip="Landmarks, identity and mask settings for EmoCAST Sampler."),
+                io.Mask.Output("face_region", tooltip="Expanded face box (what the face locator sees)."),
+                io.Mask.Output("face_mask", tooltip="Soft face mask without the lips (face attention)."),
+                io.Mask.Output("lip_mask", tooltip="Soft lip mask (lip attention)."),
+                io.Mask.Output("background_mask", tooltip="Soft background mask, 1 - face (pose attention)."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, face_models: str) -> bool | str:
+        return validate_face_models(face_models)
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, face_models: str, expand_ratio: float, identity: bool) -> io.NodeOutput:
+        portrait = single_image(image, "image")
+        rgb = to_uint8(portrait)
+        folder = face_folder(face_models)
+        landmarks = detect_landmarks(folder, rgb)
+        if identity:
+            try:
+                found = face_lib.face_identity(face_lib.load_face_analysis(folder), rgb)
+            except ValueError as e:
+                raise EmoCASTInputError(f"image: {e}") from e
+            embedding, note = found.embedding, found.note
+        else:
+            embedding, note = np.zeros(512, np.float32), "identity off: zero embedding"
+        h, w = rgb.shape[:2]
+        masks = face_lib.compute_masks(landmarks, h, w, expand_ratio, image_size=PREVIEW_MASK_SIZE)
+        info = FaceInfo(portrait.clone(), landmarks, np.asarray(embedding, np.float32), expand_ratio, note)
+        previews = [mask_from_u8(m, h, w) for m in (masks.face_mask, masks.sep_face, masks.sep_lip,
+                                                     masks.sep_background)]
+        return io.NodeOutput(info, *previews, ui=ui.PreviewText(note))
+
+
+class CropPortrait(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EmoCASTCropPortrait",
+            display_name="EmoCAST Crop Portrait",
+            category="EmoCAST",
+            description="Any photo -> the square, face-centred portrait EmoCAST expects, at the model size.",
+            inputs=[
+                io.Image.Input("image", tooltip="A photo with one face, any size or aspect ratio."),
+                face_models_input(),
+                io.Int.Input("size", default=512, min=64, max=2048, step=64,
+                             tooltip="Output side in pixels; 512 for the released model (the sampler resizes "
+                                     "to the model size anyway)."),
+                io.Float.Input("scale", default=2.0, min=1.2, max=4.0, step=0.1, round=0.01,
+                               tooltip="Crop side relative to the face height: larger keeps more shoulders and "
+                                       "background."),
+            ],
+            outputs=[
+                io.Image.Output("portrait", tooltip="Square face-centred crop, size x size."),
+                CropSocket.Output("crop_info", tooltip="Where the crop lies in the source image."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, face_models: str) -> bool | str:
+        return validate_face_models(face_models)
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, face_models: str, size: int, scale: float) -> io.NodeOutput:
+        rgb = to_uint8(single_image(image, "image"))
+        landmarks = detect_landmarks(face_folder(face_models), rgb)
+        crop, where = face_lib.crop_portrait(rgb, landmarks, scale)
+        out = np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
+        pixels = torch.from_numpy(out.astype(np.float32) / 255)[None]
+        info = CropInfo(where.x0, where.y0, where.side, size, rgb.shape[:2])
+        return io.NodeOutput(pixels, info, ui=ui.PreviewText(f"{where.side}x{where.side} crop at ({where.x0}, "
+                                                             f"{where.y0}) -> {size}x{size}"))

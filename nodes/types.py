@@ -1,0 +1,74 @@
+"""What travels on the pack's EMOCAST_* sockets. Plain dataclasses, no ComfyUI import, so the
+conversions can be tested without a ComfyUI tree."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from emocast_lib.emotion import emotion_schedule
+
+
+class EmoCASTInputError(ValueError):
+    """Bad input to a node; the message names the input and says what to do."""
+
+
+@dataclass
+class AudioCond:
+    """EMOCAST_AUDIO: wav2vec2 windows for the whole utterance, and the sound trimmed/padded to the video."""
+
+    windows: torch.Tensor  # (frames padded to whole clips, 5, layers, C)
+    length: int  # real video frames = ceil(seconds * fps)
+    fps: int
+    clip_length: int
+    audio: dict  # ComfyUI AUDIO lasting exactly length / fps seconds
+
+
+@dataclass
+class EmotionCond:
+    """EMOCAST_EMOTION: one or more timed emotion prompts; resolved per frame by the sampler, which
+    is the first node that knows the frame rate and the video length."""
+
+    segments: list[tuple[torch.Tensor, float, float]]  # ((77, D) hidden states, start s, end s)
+    uncond: torch.Tensor  # (1, 77, D) empty prompt, for guidance
+    prompts: list[str]
+    crossfade: float = 0.0
+
+    @property
+    def width(self) -> int:
+        return self.uncond.shape[-1]
+
+    def per_frame(self, fps: float, frames: int) -> torch.Tensor:
+        """(1, 77, D) for a single emotion, else (frames, 77, D)."""
+        if len(self.segments) == 1:
+            return self.segments[0][0][None]
+        return emotion_schedule(self.segments, self.crossfade, fps, frames)
+
+    def describe(self) -> str:
+        if len(self.segments) == 1:
+            return f'"{self.prompts[0]}" for the whole video'
+        lines = [f'{start:g}-{end:g} s: "{p}"' for (_, start, end), p in zip(self.segments, self.prompts)]
+        return "\n".join(lines + [f"crossfade {self.crossfade:g} s"])
+
+
+@dataclass
+class FaceInfo:
+    """EMOCAST_FACE: everything the sampler needs from the portrait apart from its pixels."""
+
+    image: torch.Tensor  # (H, W, 3) 0..1, the analysed portrait (checked against the sampler's portrait)
+    landmarks: np.ndarray  # (478, 2) pixels
+    identity: np.ndarray  # (512,) raw ArcFace embedding; zeros = no identity
+    expand_ratio: float
+    note: str = ""
+
+
+@dataclass
+class CropInfo:
+    """EMOCAST_CROP_INFO: where the square crop came from, to paste results back."""
+
+    x0: int
+    y0: int
+    side: int
+    size: int  # side of the output image
+    source_hw: tuple[int, int] = field(default=(0, 0))
