@@ -1,0 +1,211 @@
+"""Read, check and convert EmoCAST network checkpoints (`net.pth`, `.safetensors`) without trusting them.
+
+Checkpoints come from the internet, so pickles are only ever read by torch's weights-only unpickler:
+a file that needs anything beyond tensors and plain containers is refused before any of it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import NetConfig
+from .models import EmoCASTNet
+from .tiny import TINY_PACK_NET
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SHOWN = 5  # keys listed per category in a report; the counts tell the rest
+GET_NET = "use EmoCAST's released net.pth, or a .safetensors made from it by `python -m emocast_lib convert`"
+
+# Key patterns of checkpoints users are likely to put in the wrong folder (first match wins, so a full
+# SD checkpoint, which also holds a VAE and a CLIP, is named by its UNet).
+FOREIGN = (
+    (r"^model\.diffusion_model\.", "a Stable Diffusion checkpoint", "put it in models/checkpoints instead"),
+    (r"^(first_stage_model\.|encoder\.down|decoder\.up|quant_conv\.)", "a VAE", "put it in models/vae instead"),
+    (r"^(cond_stage_model\.|text_model\.|transformer\.text_model\.)", "a CLIP text encoder",
+     "put it in models/text_encoders instead"),
+    (r"lora_(up|down|A|B)\b|\.lora\.", "a LoRA", "put it in models/loras instead"),
+    (r"^(wav2vec2\.|feature_extractor\.conv_layers\.)", "a wav2vec2 audio encoder",
+     "it belongs (with its config.json) in models/emocast/wav2vec/<model folder>"),
+    (r"^(control_model\.|controlnet_)", "a ControlNet", "put it in models/controlnet instead"),
+    (r"^(down_blocks|mid_block|up_blocks|conv_in)\.", "a bare UNet or motion-module file",
+     "EmoCAST does not use one (net.pth holds both of its UNets)"),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file, the problem and the remedy."""
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and (safetensors) metadata of a checkpoint file, on the CPU, loaded without running code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; check the path (models go in models/emocast)")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _tensors_only(path, _read_pickle(path)), {}
+    raise CheckpointError(f"{path}: unsupported file type {suffix!r}; use a .safetensors or "
+                          f"{'/'.join(PICKLE_SUFFIXES)} checkpoint")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file, it is truncated or corrupt ({e}); "
+                              "download it again") from e
+
+
+def _read_pickle(path: Path) -> object:
+    try:
+        # mmap needs torch's zip layout; the older plain-pickle layout is read into memory.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please use|\n|$)", str(e))
+        detail = found.group(1)[:200] if found else "refused by the weights-only unpickler"
+        # A truncated pickle can also cut a class name short, so both causes are named.
+        raise CheckpointError(f"{path}: refused, the file contains code or objects other than tensors, which were "
+                              f"not run ({detail}); {GET_NET}, or download it again if it is an incomplete copy"
+                              ) from e
+    except Exception as e:  # torch reports damaged files as EOFError, RuntimeError, OSError, KeyError, ...
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, it is truncated or corrupt "
+                              f"({_first_sentence(e)}); download it again") from e
+
+
+def _first_sentence(e: Exception) -> str:
+    text = str(e).split(". ")[0].split("\n")[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _tensors_only(path: Path, obj: object) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        wrapped = next((obj[k] for k in ("state_dict", "module") if isinstance(obj.get(k), Mapping)), None)
+        obj = obj if wrapped is None else wrapped
+    if not isinstance(obj, Mapping) or len(obj) == 0:
+        what = "an empty dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path}: holds {what}, not a state dict of tensors; {GET_NET}")
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in obj.items()
+           if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict of tensors: {len(bad)} of {len(obj)} entries are not, "
+                              f"e.g. {', '.join(bad[:SHOWN])}; {GET_NET}")
+    return dict(obj)
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, Sequence[int]], source: str) -> None:
+    """Strict key/shape check; raises CheckpointError with a report whose first line stands on its own."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k}: file {tuple(sd[k].shape)}, expected {tuple(expected[k])}"
+             for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k])]
+    if not (missing or unexpected or wrong):
+        return
+    hint = next((f" This looks like {what}, not EmoCAST's net.pth; {advice}."
+                 for pattern, what, advice in FOREIGN if any(re.search(pattern, k) for k in unexpected)),
+                f" It is another model or another version of EmoCAST; {GET_NET}.")
+    lines = [f"{source}: does not match the EmoCAST network: {len(missing)} missing, {len(unexpected)} unexpected, "
+             f"{len(wrong)} wrong-shape keys ({len(sd)} in the file, {len(expected)} expected).{hint}"]
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            more = f" ... and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
+            lines.append(f"  {name}: {'; '.join(keys[:SHOWN])}{more}")
+    raise CheckpointError("\n".join(lines))
+
+
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str,
+                 expected: Mapping[str, Sequence[int]] | None = None) -> None:
+    """Write `src` as a `.safetensors` with floating tensors cast to `dtype` ("fp16", "bf16" or "fp32").
+
+    The output appears only once complete (temp file + rename), so a failed run never leaves a partial file
+    that a model list would offer."""
+    src, dst = Path(src), Path(dst)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dst.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{dst}: the output must be a .safetensors file")
+    if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and dst.samefile(src)):
+        raise CheckpointError(f"{dst}: is the source file itself; choose another output name")
+    sd, metadata = read_state_dict(src)
+    if expected is not None:
+        check_state_dict(sd, expected, str(src))
+    out = {}
+    for key, t in sd.items():
+        cast = t.to(DTYPES[dtype]).contiguous() if t.is_floating_point() else t.contiguous()
+        if dtype == "fp16" and cast.is_floating_point() and cast.isinf().any() and not t.isinf().any():
+            raise CheckpointError(f"{src}: {key} has values beyond the {dtype} range; choose bf16 "
+                                  "or fp32 instead")
+        out[key] = cast
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    try:
+        save_file(out, tmp, metadata={**metadata, "format": "pt", "dtype": dtype, "source": src.name})
+        os.replace(tmp, dst)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{dst}: could not be written ({e}); check the folder's free space and "
+                              "permissions") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main_convert(argv: list[str] | None = None) -> int:
+    """`python -m emocast_lib convert SRC DST [--dtype fp16|bf16|fp32] [--no-check]`; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m emocast_lib convert",
+        description="Convert an EmoCAST net.pth (or .safetensors) to a .safetensors file, read without running "
+                    "any code from it.")
+    parser.add_argument("src", type=Path, help="net.pth / .pt / .ckpt / .bin / .safetensors to read")
+    parser.add_argument("dst", type=Path, help="output .safetensors (written only once complete)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16",
+                        help="precision of floating tensors (default fp16; fp32 keeps every bit)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the strict key/shape check against the released network (for other sizes)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors are already printed by argparse
+        return int(e.code or 0)
+    try:
+        convert_file(args.src, args.dst, args.dtype, expected=None if args.no_check else net_shapes(NetConfig()))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} ({args.dtype})")
+    return 0
+
+
+def net_shapes(config: NetConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the network of `config`, from the model code on the meta device (no memory used)."""
+    with torch.device("meta"):
+        net = EmoCASTNet(config)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def load_net(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+             config: NetConfig | None = None) -> EmoCASTNet:
+    """The network with the weights of `path`, strictly checked, floating tensors in `dtype` on `device`.
+
+    Without `config` the file must be the pack's tiny stand-in (`make-tiny-models`) or the released network,
+    recognised by their exact shapes; anything else is reported against the released network (tried last)."""
+    sd, _ = read_state_dict(path)
+    for candidate in [config] if config else [TINY_PACK_NET, NetConfig()]:
+        with torch.device("meta"):
+            net = EmoCASTNet(candidate)
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        if sd.keys() == shapes.keys() and all(tuple(sd[k].shape) == shapes[k] for k in shapes):
+            break
+    check_state_dict(sd, shapes, str(path))
+    net.load_state_dict({k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()},
+                        assign=True)
+    return net.eval()
