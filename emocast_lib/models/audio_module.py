@@ -2,18 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, FeedForward
-from .blocks import to_grid, to_tokens
+from .blocks import pointwise, to_grid, to_tokens
 
 REGIONS = ("full", "face", "lip")
-
-
-def _pointwise(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv applied to tokens directly (it is a per-token linear map)."""
-    return F.linear(t, conv.weight.flatten(1), conv.bias)
 
 
 class AudioBlock(nn.Module):
@@ -44,7 +38,7 @@ class AudioBlock(nn.Module):
         for i, region in enumerate(REGIONS):
             # The mask gates before the 1x1 conv, so the conv bias reaches every position.
             y = getattr(self, f"attn2_{i}")(n2, kv=kvs[i]) * masks[i][:, :, None]
-            out = out + scales[i] * _pointwise(getattr(self, f"zero_conv_{region}"), y)
+            out = out + scales[i] * pointwise(getattr(self, f"zero_conv_{region}"), y)
         return out + self.ff(self.norm3(out))
 
 
@@ -62,5 +56,5 @@ class AudioModule(nn.Module):
 
     def forward(self, x: torch.Tensor, kvs: list, masks: list[torch.Tensor], scales) -> torch.Tensor:
         h, w = x.shape[-2:]
-        t = self.transformer_blocks[0](to_tokens(self.proj_in(self.norm(x))), kvs, masks, scales)
-        return x + self.proj_out(to_grid(t, h, w))
+        t = self.transformer_blocks[0](pointwise(self.proj_in, to_tokens(self.norm(x))), kvs, masks, scales)
+        return x + to_grid(pointwise(self.proj_out, t), h, w)
