@@ -5,6 +5,7 @@ end to end on a CPU without the multi-GB released weights. The sizes are those o
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,18 @@ TINY_NET = NetConfig(
     face_locator=FaceLocatorConfig(out_channels=32),
     image_proj=ImageProjConfig(embedding_dim=24, tokens=4, width=48),
     audio_proj=AudioProjConfig(window=5, layers=3, channels=16, hidden=32, tokens=8, width=40),
+    sample_size=128,
+)
+# The tiny model written by `make-tiny-models`: tiny UNets, but the text width of CLIP-L, the
+# 512-d identity of InsightFace and 12 wav2vec layers, so that ComfyUI's own CLIP-L and SD-VAE
+# loaders take the companion files. Its native size is 64 px to keep CPU runs short.
+TINY_PACK_NET = NetConfig(
+    unet=UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16, heads=4,
+                    cross_attention_dim=768, audio_attention_dim=768, audio_token_dim=40, emotive_head_dim=12),
+    face_locator=FaceLocatorConfig(out_channels=32),
+    image_proj=ImageProjConfig(embedding_dim=512, tokens=4, width=768),
+    audio_proj=AudioProjConfig(window=5, layers=12, channels=32, hidden=32, tokens=8, width=40),
+    sample_size=64,
 )
 TINY_VAE: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
@@ -32,6 +45,22 @@ TINY_CLIP_TEXT: dict[str, Any] = {
     "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05,
     "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
 }
+
+
+# Architectures ComfyUI's loaders accept (fixed configs there): SD VAE and CLIP-L text.
+SD_VAE: dict[str, Any] = {**TINY_VAE, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                          "norm_num_groups": 32, "sample_size": 512}
+CLIP_L_TEXT: dict[str, Any] = {**TINY_CLIP_TEXT, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
+                               "num_hidden_layers": 12, "num_attention_heads": 12}
+TINY_WAV2VEC: dict[str, Any] = {
+    "hidden_size": 32, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_bias": False, "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_hidden_layers": 12,
+    "num_attention_heads": 4, "intermediate_size": 64, "num_conv_pos_embeddings": 128,
+    "num_conv_pos_embedding_groups": 16, "vocab_size": 32,
+}
+NOT_A_MODEL = ("TINY TEST MODELS - NOT EmoCAST. Made by `python -m emocast_lib make-tiny-models` from a fixed "
+               "random fill rule so the pack can be run end to end without the real weights. "
+               "Their output is noise. Get the real files from the sources in README.md.")
 
 
 def fill_module(module: nn.Module, seed: int, prefix: str = "") -> nn.Module:
@@ -62,3 +91,39 @@ def filled_text_encoder(config: dict[str, Any] = TINY_CLIP_TEXT, seed: int = TIN
     model = CLIPTextModel(CLIPTextConfig(**config))
     prefix = "" if next(iter(model.state_dict())).startswith("text_model.") else "text_model."
     return fill_module(model, seed, prefix).eval()
+
+
+def make_tiny_models(root: str | Path, seed: int = TINY_SEED) -> list[Path]:
+    """Write a complete ComfyUI-style models tree of tiny fill-rule weights under the file names of
+    `layout` (the ones the shipped workflows and the CLI use). Returns the files written."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from . import layout
+    from .face import write_tiny_face_models
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "TINY_TEST_MODELS_README.txt").write_text(NOT_A_MODEL + "\n")
+    meta = {"emocast_tiny_test_model": NOT_A_MODEL}
+
+    net = layout.NET.path(root)
+    net.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(filled_net(TINY_PACK_NET, seed).state_dict(), net)
+
+    vae = layout.VAE.path(root)
+    vae.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() for k, v in fill_module(AutoencoderKL(**SD_VAE), seed).state_dict().items()}, vae, meta)
+
+    clip = layout.CLIP_L.path(root)
+    clip.parent.mkdir(parents=True, exist_ok=True)
+    sd = filled_text_encoder(CLIP_L_TEXT, seed).state_dict()
+    save_file({(k if k.startswith("text_model.") else "text_model." + k): v.half() for k, v in sd.items()}, clip, meta)
+
+    w2v = layout.WAV2VEC.path(root)
+    fill_module(Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC)), seed).save_pretrained(w2v)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(w2v)
+
+    faces = write_tiny_face_models(layout.FACE_ANALYSIS.path(root), layout.LANDMARKER.path(root))
+    return [net, vae, clip, w2v, *faces]
