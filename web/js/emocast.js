@@ -1,6 +1,6 @@
 // EmoCAST: emotion presets on "EmoCAST Emotion Encode". Picking a preset fills the text box, which
 // stays editable; the preset picker itself is not saved in workflows nor sent to the server.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";  // served at /extensions/<pack>/js/
 
 const PRESETS = {
   "horror movie": "The portrait is watching a horror movie with jump scares.",
