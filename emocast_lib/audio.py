@@ -15,6 +15,7 @@ import numpy as np
 import soundfile
 import soxr
 import torch
+from safetensors import safe_open
 import torch.nn.functional as F
 
 __all__ = [
@@ -78,7 +79,7 @@ def load_wav2vec2(folder: str | Path):
     Accepts the bare `Wav2Vec2Model` layout and the public `wav2vec2-base-960h` layout (`wav2vec2.`
     prefix, `weight_g`/`weight_v`, unused `lm_head`). Only safetensors weights are read (no pickle).
     """
-    from transformers import Wav2Vec2Model
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     folder = Path(folder)
     missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
@@ -86,14 +87,26 @@ def load_wav2vec2(folder: str | Path):
         raise FileNotFoundError(
             f"wav2vec2 folder {folder} lacks {', '.join(missing)}: it must hold the wav2vec2-base-960h "
             "checkpoint's config.json and model.safetensors (pickled .bin weights are not loaded)")
-    model, info = Wav2Vec2Model.from_pretrained(folder, use_safetensors=True, output_loading_info=True,
-                                                local_files_only=True)
-    if info["missing_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"{folder / 'model.safetensors'} is not a matching wav2vec2 checkpoint: missing "
-                         f"{sorted(info['missing_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}")
-    if model.config.do_stable_layer_norm:
+    # Check the keys ourselves: transformers versions disagree on reporting weight_g/weight_v as missing.
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        found = {_canonical_key(k) for k in f.keys()}
+    config = Wav2Vec2Config.from_pretrained(folder, local_files_only=True)
+    if config.do_stable_layer_norm:
         raise ValueError(f"{folder} is a stable-layer-norm (large) wav2vec2; EmoCAST uses wav2vec2-base-960h")
+    with torch.device("meta"):  # key names only, no memory
+        expected = set(Wav2Vec2Model(config).state_dict())
+    if expected - found:
+        raise ValueError(f"{folder / 'model.safetensors'} is not a matching wav2vec2 checkpoint: it lacks "
+                         f"{len(expected - found)} weights, e.g. {sorted(expected - found)[:3]}")
+    model = Wav2Vec2Model.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     return model.float().eval()
+
+
+def _canonical_key(key: str) -> str:
+    """Public-checkpoint key -> bare Wav2Vec2Model key (prefix dropped, weight norm in parametrised naming)."""
+    key = key.removeprefix("wav2vec2.")
+    return key.replace("conv.weight_g", "conv.parametrizations.weight.original0").replace(
+        "conv.weight_v", "conv.parametrizations.weight.original1")
 
 
 @dataclass

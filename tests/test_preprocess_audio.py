@@ -159,7 +159,7 @@ def test_wav2vec2_folder_errors(tmp_path: Path, audio_dir: Path):
     with pytest.raises(FileNotFoundError, match=r"lacks model.safetensors: .*\(pickled .bin weights are not loaded\)"):
         audio.load_wav2vec2(tmp_path)
     save_file({"unrelated.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="not a matching wav2vec2 checkpoint"):
+    with pytest.raises(ValueError, match="not a matching wav2vec2 checkpoint: it lacks"):
         audio.load_wav2vec2(tmp_path)
 
 
