@@ -1,0 +1,471 @@
+"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1]`.
+
+Models are built from the fixtures' fill rule (weights do not change the cost); inputs are random
+tensors of the shapes the preprocessing produces. Each configuration (and each clip count of `long`)
+runs in a fresh child process, because peak RSS is a per-process high-water mark.
+
+The stages are timed inside the real `iter_clips`: it is handed stand-ins for the network and the VAE
+that pass everything through to the real modules and time each call (projections, face locator,
+reference UNet, `prepare`, every denoising-UNet call, VAE encode/decode). Whatever a clip costs
+outside those calls (guidance, scheduler, concatenations) is reported as `other`, so the stages
+always add up to the measured seconds per clip.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .config import NetConfig, SamplingConfig
+from .models import EmoCASTNet
+from .pipeline import REGIONS, AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
+from .tiny import SD_VAE, TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    model: str  # "tiny" (fixture sizes) or "real" (released widths)
+    size: int
+    frames: int
+    steps: int
+    clips: tuple[int, ...] = (1,)
+
+
+CONFIGS = {
+    "tiny": BenchConfig("tiny", "tiny", 128, 4, 3),
+    "real64": BenchConfig("real64", "real", 64, 4, 2),
+    "real256": BenchConfig("real256", "real", 256, 4, 2),
+    "long": BenchConfig("long", "tiny", 128, 4, 3, clips=(1, 4, 16)),
+}
+# The released reference on this project's machine, 1 thread (fixtures/parity/README.md §8).
+REFERENCE = {
+    "tiny": {"s_per_clip": 1.60, "peak_rss_gb": 0.46, "step": 0.40, "reference_unet": 0.09, "vae_decode": 0.14,
+             "vae_encode": 0.05},
+    "real64": {"s_per_clip": 26.5, "peak_rss_gb": 10.9, "step": 8.7, "reference_unet": 4.2, "vae_decode": 3.0,
+               "vae_encode": 1.0},
+}
+MOTION_SCALE = (0.9, 1.1, 1.25)  # the fixtures' values; any non-trivial scales cost the same
+CONDITIONING = ("audio_proj", "image_proj", "face_locator", "prepare")
+STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", *CONDITIONING)
+
+
+class Stopwatch:
+    """Wall and CPU seconds per stage name: totals, and the wall time of every call."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, list[float]] = defaultdict(list)
+        self.calls_cpu: dict[str, list[float]] = defaultdict(list)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.calls[name].append(time.perf_counter() - w)
+            self.calls_cpu[name].append(time.process_time() - c)
+            self.wall[name] += self.calls[name][-1]
+            self.cpu[name] += self.calls_cpu[name][-1]
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args):
+            with self(name):
+                return fn(*args)
+        return timed
+
+
+class Timed:
+    """Stands in for a module passed to the pipeline: attributes pass through to `inner`; calling it
+    (stage `name`) or one of `methods` ({attribute: stage}) is timed. `children` replaces attributes
+    by other stand-ins. `capture`, when given, keeps each stage's last arguments (for profiling)."""
+
+    def __init__(self, inner: Any, sw: Stopwatch, name: str = "", methods: dict[str, str] | None = None,
+                 children: dict[str, "Timed"] | None = None, capture: dict[str, tuple] | None = None):
+        self.__dict__.update(_inner=inner, _sw=sw, _name=name, _methods=methods or {}, _children=children or {},
+                             _capture=capture)
+
+    def _run(self, stage: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        if self._capture is not None:
+            self._capture[stage] = (fn, args, kwargs)
+        with self._sw(stage):
+            return fn(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._run(self._name, self._inner, args, kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in self._children:
+            return self._children[attr]
+        value = getattr(self._inner, attr)
+        if attr in self._methods:
+            return lambda *args, **kwargs: self._run(self._methods[attr], value, args, kwargs)
+        return value
+
+
+def timed_net(net: EmoCASTNet, sw: Stopwatch, capture: dict[str, tuple] | None = None) -> Timed:
+    kids = {attr: Timed(getattr(net, attr), sw, stage, capture=capture) for attr, stage in
+            (("audioproj", "audio_proj"), ("imageproj", "image_proj"), ("face_locator", "face_locator"),
+             ("reference_unet", "reference_unet"))}
+    kids["denoising_unet"] = Timed(net.denoising_unet, sw, "denoising_unet", {"prepare": "prepare"}, capture=capture)
+    return Timed(net, sw, children=kids)
+
+
+def timed_vae(vae: Vae, sw: Stopwatch) -> Vae:
+    return Vae(sw.wrap("vae_encode", vae.encode), sw.wrap("vae_decode", vae.decode), vae.decode_batch)
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size (Linux /proc; None elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def machine_info() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "mkldnn": torch.backends.mkldnn.is_available(), "load_average": os.getloadavg()}
+
+
+def code_version() -> str | None:
+    """The checkout's commit, `+dirty` if it has local changes (results are only comparable per version)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True)
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+def build_models(model: str) -> tuple[EmoCASTNet, Vae, str]:
+    if model == "tiny":
+        return filled_net(TINY_NET, TINY_SEED), diffusers_vae(filled_vae(TINY_VAE, TINY_SEED)), "fill rule, seed 1001"
+    return (filled_net(NetConfig(), TINY_SEED), diffusers_vae(filled_vae(SD_VAE, TINY_SEED)),
+            "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE")
+
+
+@dataclass
+class Inputs:
+    portrait: Portrait
+    audio: AudioWindows
+    emotion: Emotion
+
+
+def make_inputs(cfg: NetConfig, size: int, frames: int, clips: int, seed: int = 2001) -> Inputs:
+    """Random inputs with the shapes of the preprocessing outputs (one emotion prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    h = size // 8
+    masks = {r: [torch.rand((h >> lvl) ** 2, generator=g) for lvl in range(len(cfg.unet.block_out_channels))]
+             for r in REGIONS}
+    portrait = Portrait(torch.rand(3, size, size, generator=g) * 2 - 1,
+                        torch.randn(cfg.image_proj.embedding_dim, generator=g), torch.rand(3, size, size, generator=g),
+                        masks)
+    ap, d = cfg.audio_proj, cfg.unet.cross_attention_dim
+    audio = AudioWindows(torch.randn(clips * frames, ap.window, ap.layers, ap.channels, generator=g), clips * frames)
+    return Inputs(portrait, audio, Emotion(torch.randn(1, 77, d, generator=g), torch.randn(1, 77, d, generator=g)))
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> list[dict[str, Any]]:
+    """The real generator, consumed and dropped clip by clip: per clip seconds (wall, CPU), seconds per
+    stage, the denoising-UNet call of every step, and RSS after the clip."""
+    sw = Stopwatch()
+    clips = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    seen: dict[str, float] = {}
+    seen_cpu: dict[str, float] = {}
+    calls = 0
+    for result in iter_clips(timed_net(net, sw), timed_vae(vae, sw), inp.portrait, inp.audio, inp.emotion, settings):
+        frames = int(result.frames.shape[0])
+        del result  # a consumer that writes frames out keeps nothing of the clip
+        now_wall, now_cpu = time.perf_counter(), time.process_time()
+        stages = {k: sw.wall[k] - seen.get(k, 0.0) for k in STAGES}
+        stages["conditioning"] = sum(stages[k] for k in CONDITIONING)
+        stages["other"] = now_wall - wall - sum(stages[k] for k in STAGES)
+        stages_cpu = {k: sw.cpu[k] - seen_cpu.get(k, 0.0) for k in STAGES}
+        stages_cpu["conditioning"] = sum(stages_cpu[k] for k in CONDITIONING)
+        stages_cpu["other"] = now_cpu - cpu - sum(stages_cpu[k] for k in STAGES)
+        clips.append({"total": now_wall - wall, "cpu": now_cpu - cpu, "stages": stages, "stages_cpu": stages_cpu,
+                      "frames": frames, "steps": sw.calls["denoising_unet"][calls:],
+                      "steps_cpu": sw.calls_cpu["denoising_unet"][calls:], "rss": rss_bytes()})
+        seen, seen_cpu = {k: sw.wall[k] for k in STAGES}, {k: sw.cpu[k] for k in STAGES}
+        calls = len(sw.calls["denoising_unet"])
+        wall, cpu = time.perf_counter(), time.process_time()
+    return clips
+
+
+# ----------------------------------------------------------------------------------------------- profile
+
+CATEGORIES = (  # (category, substrings of aten op names), first match wins
+    ("conv", ("convolution", "conv2d", "mkldnn_conv")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention", "softmax", "baddbmm", "bmm")),
+    ("linear", ("addmm", "aten::mm", "aten::linear", "matmul")),
+    ("group_norm", ("group_norm",)),
+    ("layer_norm", ("layer_norm",)),
+    ("fp16_round", ("_to_copy", "aten::to")),
+    ("copy/layout", ("cat", "copy_", "clone", "contiguous", "index", "repeat", "expand", "upsample", "pad")),
+    ("elementwise", ("add", "mul", "sub", "div", "silu", "gelu", "relu", "exp", "sin", "cos", "clamp")),
+)
+
+
+def _category(op: str) -> str:
+    return next((c for c, keys in CATEGORIES if any(k in op for k in keys)), "other")
+
+
+def profile_call(fn: Callable[[], Any], top: int = 15) -> dict[str, Any]:
+    """Self CPU time of the aten ops of one call (after the timed runs, so kernels are warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    start = time.perf_counter()
+    fn()
+    plain = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    ops = sorted(({"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in events),
+                 key=lambda r: -r["self_s"])
+    shaped = sorted(({"op": e.key, "shapes": str(e.input_shapes), "self_s": e.self_cpu_time_total / 1e6,
+                      "calls": e.count} for e in prof.key_averages(group_by_input_shape=True)
+                     if e.key.startswith("aten::")), key=lambda r: -r["self_s"])
+    cats: dict[str, float] = defaultdict(float)
+    for r in ops:
+        cats[_category(r["op"])] += r["self_s"]
+    aten = sum(cats.values())
+    return {"wall_unprofiled": plain, "aten_self_total": aten, "outside_aten": max(plain - aten, 0.0),
+            "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top_ops": ops[:top],
+            "top_ops_by_shape": shaped[:top]}
+
+
+def profiles(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Any]:
+    """Profile the calls clip 0 of the real pipeline made, replayed with the arguments it used."""
+    capture: dict[str, tuple] = {}
+    clip0 = iter_clips(timed_net(net, Stopwatch(), capture), vae, inp.portrait, inp.audio, inp.emotion, settings)
+    next(clip0)
+    clip0.close()
+    h = inp.portrait.pixels.shape[-1] // 8
+    latents = torch.randn(settings.frames_per_clip, 4, h, h)
+
+    def replay(stage: str) -> Callable[[], Any]:
+        fn, args, kwargs = capture[stage]
+        return lambda: fn(*args, **kwargs)
+
+    with torch.no_grad():
+        return {"denoising_step": profile_call(replay("denoising_unet")),
+                "reference_unet": profile_call(replay("reference_unet")),
+                "prepare": profile_call(replay("prepare")),
+                "vae_decode": profile_call(lambda: decode_frames(vae, latents))}
+
+
+# ----------------------------------------------------------------------------------------------- child
+
+def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    rss_start = rss_bytes()
+    t0 = time.perf_counter()
+    net, vae, weights = build_models(bc.model)
+    build = time.perf_counter() - t0
+    rss_built = rss_bytes()
+    settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
+    inp = make_inputs(net.config, bc.size, bc.frames, clips)
+    done = []
+    for r in range(runs):
+        done.append(time_clips(net, vae, inp, settings))
+        print(f"[bench] {bc.name} x{clips} run {r + 1}/{runs}: {[round(c['total'], 2) for c in done[-1]]} s/clip",
+              file=sys.stderr, flush=True)
+    out = {"config": asdict(bc) | {"clips": clips}, "threads": torch.get_num_threads(), "runs": done,
+           "weights": weights, "build_s": build, "net_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
+           "rss_start": rss_start, "rss_built": rss_built, "peak_rss": peak_rss_bytes()}
+    if profile:  # after the peak-RSS reading: the profiler's own memory is not the pipeline's
+        out["profile"] = profiles(net, vae, inp, settings)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+def _mm(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values)}
+
+
+def summarize(child: dict[str, Any]) -> dict[str, Any]:
+    """Min/median over every clip of every run: seconds per clip, per stage and per step."""
+    clips = [c for run in child["runs"] for c in run]
+    s = {"seconds_per_clip": _mm([c["total"] for c in clips]), "cpu_seconds_per_clip": _mm([c["cpu"] for c in clips]),
+         "stages": {k: _mm([c["stages"][k] for c in clips]) for k in clips[0]["stages"]},
+         "stages_cpu": {k: _mm([c["stages_cpu"][k] for c in clips]) for k in clips[0]["stages_cpu"]},
+         "step": _mm([t for c in clips for t in c["steps"]]),
+         "step_cpu": _mm([t for c in clips for t in c["steps_cpu"]]),
+         "peak_rss_gb": child["peak_rss"] / GB, "net_gb": child["net_bytes"] / GB,
+         "rss_start_gb": (child["rss_start"] or 0) / GB, "rss_built_gb": (child["rss_built"] or 0) / GB,
+         "build_s": child["build_s"],
+         "per_clip_seconds_last_run": [c["total"] for c in child["runs"][-1]],
+         "rss_after_clip_gb": [c["rss"] / GB for c in child["runs"][-1] if c["rss"] is not None]}
+    name = child["config"]["name"]
+    if name in REFERENCE and child["threads"] == 1 and child["config"] == asdict(CONFIGS[name]) | {"clips": 1}:
+        s["reference"] = REFERENCE[name]
+        s["speedup_vs_reference"] = REFERENCE[name]["s_per_clip"] / s["seconds_per_clip"]["min"]
+    return s
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    cols = [("config", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"), ("thr", 4, "d"),
+            ("time", 5, "s"), ("s/clip", 8, ".3f"), ("refUNet", 8, ".3f"), ("step", 7, ".3f"), ("steps", 7, ".3f"),
+            ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"), ("other", 7, ".3f"), ("peakGB", 7, ".2f"),
+            ("netGB", 6, ".2f"), ("vs ref", 7, "s")]
+    lines = ["".join(f"{n:>{w}}" if i else f"{n:<{w}}" for i, (n, w, _) in enumerate(cols))]
+    lines.append("-" * len(lines[0]))
+    for r in results:
+        c, s = r["config"], r["summary"]
+        for kind, per_clip, stages, step, stat in (("wall", "seconds_per_clip", "stages", "step", "min"),
+                                                   ("cpu", "cpu_seconds_per_clip", "stages_cpu", "step_cpu", "median")):
+            st = {k: v[stat] for k, v in s[stages].items()}
+            ratio = f"{s['speedup_vs_reference']:.2f}x" if kind == "wall" and "speedup_vs_reference" in s else ""
+            row = [c["name"], c["size"], c["frames"], c["steps"], c["clips"], r["threads"], kind, s[per_clip][stat],
+                   st["reference_unet"], s[step][stat], st["denoising_unet"], st["vae_encode"], st["vae_decode"],
+                   st["conditioning"], st["other"], s["peak_rss_gb"], s["net_gb"], ratio]
+            lines.append("".join(f"{v:{'<' if i == 0 else '>'}{w}{fmt}}"
+                                 for i, (v, (_, w, fmt)) in enumerate(zip(row, cols))))
+    lines.append("(wall: min over clips and runs; cpu: median process CPU seconds. Stages are per clip, `step` is one "
+                 "denoising-UNet call, `cond` = audio/image projections + face locator + prepare, `other` = the rest "
+                 "of the clip: guidance, scheduler, glue)")
+    for r in results:
+        if r["config"]["clips"] > 1:
+            s = r["summary"]
+            lines.append(f"{r['config']['name']} x{r['config']['clips']}: s/clip (last run) "
+                         + " ".join(f"{t:.2f}" for t in s["per_clip_seconds_last_run"]))
+            lines.append(f"{'':>{len(r['config']['name']) + 3}}  RSS GB after each clip "
+                         + " ".join(f"{g:.3f}" for g in s["rss_after_clip_gb"]))
+    return "\n".join(lines)
+
+
+def profile_table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        for section, p in r.get("profile", {}).items():
+            lines.append(f"\n{r['config']['name']} {section}: {p['wall_unprofiled']:.3f} s unprofiled, aten self "
+                         f"{p['aten_self_total']:.3f} s, outside aten (python/dispatch) {p['outside_aten']:.3f} s")
+            lines.append("  by category (s): " + ", ".join(f"{k} {v:.3f}" for k, v in p["categories"].items()))
+            for op in p["top_ops"][:10]:
+                lines.append(f"    {op['op']:<42}{op['self_s']:>8.3f} s {op['calls']:>6} calls")
+            lines.append("  top ops by input shape:")
+            for op in p["top_ops_by_shape"][:8]:
+                lines.append(f"    {op['self_s']:>7.3f} s {op['calls']:>5}x {op['op']} {op['shapes'][:110]}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- cli
+
+def _configs(names: list[str]) -> list[str]:
+    out = [n.strip() for arg in names for n in arg.split(",") if n.strip()]
+    bad = [n for n in out if n not in CONFIGS]
+    if bad:
+        raise SystemExit(f"unknown configuration {bad}; choose from {', '.join(CONFIGS)}")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m emocast_lib.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action="append", default=None,
+                   help=f"configuration(s), repeatable or comma-separated: {', '.join(CONFIGS)} (default tiny)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (min and median are reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--steps", type=int, help="override the denoising steps of every configuration")
+    p.add_argument("--frames", type=int, help="override the frames per clip")
+    p.add_argument("--size", type=int, help="override the pixel size (multiple of 64)")
+    p.add_argument("--clips", help="override the clip counts of `long`, comma-separated (e.g. 1,4,16)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one denoising step, reference pass, prepare and VAE decode (torch.profiler)")
+    p.add_argument("--json", type=Path, default=Path("bench_results.json"), help="where to write the results")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-clips", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.size is not None and args.size % 64:
+        p.error(f"--size {args.size} is not a multiple of 64 (the latent grid must halve three times)")
+    return args
+
+
+def resolve(name: str, args: argparse.Namespace) -> BenchConfig:
+    bc = CONFIGS[name]
+    over = {k: v for k, v in (("steps", args.steps), ("frames", args.frames), ("size", args.size)) if v is not None}
+    if args.clips and bc.clips != (1,):
+        over["clips"] = tuple(int(c) for c in args.clips.split(","))
+    return replace(bc, **over)
+
+
+def spawn(name: str, clips: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration in a fresh interpreter, so its peak RSS is its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "child.json"
+        cmd = [sys.executable, "-m", "emocast_lib.bench", "--child", "--config", name, "--child-clips", str(clips),
+               "--runs", str(args.runs), "--threads", str(args.threads), "--json", str(out)]
+        for flag in ("steps", "frames", "size"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag}", str(getattr(args, flag))]
+        if args.profile:
+            cmd.append("--profile")
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        load_before = os.getloadavg()
+        done = subprocess.run(cmd, cwd=root, env=env)
+        if done.returncode:
+            raise SystemExit(f"benchmark child for {name} x{clips} failed with exit code {done.returncode}")
+        child = json.loads(out.read_text())
+    child["load_average"] = {"before": load_before, "after": os.getloadavg()}
+    return child
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    names = _configs(args.config or ["tiny"])
+    if args.child:
+        bc = resolve(names[0], args)
+        args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads, args.profile)))
+        return
+    results = []
+    for name in names:
+        for clips in resolve(name, args).clips:
+            child = spawn(name, clips, args)
+            child["summary"] = summarize(child)
+            results.append(child)
+    report = {"machine": machine_info() | {"threads": args.threads}, "code": code_version(), "command": sys.argv,
+              "results": results}
+    args.json.write_text(json.dumps(report, indent=1))
+    print(table(results))
+    if args.profile:
+        print(profile_table(results))
+    load = ", ".join(f"{x:.1f}" for x in report["machine"]["load_average"])
+    print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs, torch {torch.__version__}, {args.threads} "
+          f"thread(s), load average {load} (wall times are inflated when it exceeds the threads); results in {args.json}")
+
+
+if __name__ == "__main__":
+    main()

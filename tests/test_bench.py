@@ -1,0 +1,46 @@
+"""Smoke test of `python -m emocast_lib.bench`, in-process: the child entry point times the tiny
+configuration over two clips and writes its JSON, which the parent's summary and table accept.
+No timing assertions (a shared CI machine)."""
+from __future__ import annotations
+
+import json
+
+from emocast_lib import bench
+
+STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", "audio_proj", "image_proj", "face_locator",
+          "prepare")
+
+
+def test_bench_child_report_two_clips(tmp_path):
+    out = tmp_path / "child.json"
+    bench.main(["--child", "--config", "tiny", "--child-clips", "2", "--runs", "1", "--steps", "2", "--json", str(out)])
+    child = json.loads(out.read_text())
+    assert child["config"] == {"name": "tiny", "model": "tiny", "size": 128, "frames": 4, "steps": 2, "clips": 2}
+    assert child["threads"] == 1
+
+    (run,) = child["runs"]
+    assert [c["frames"] for c in run] == [4, 4]
+    for clip in run:
+        assert len(clip["steps"]) == 2 and all(t > 0 for t in clip["steps"] + clip["steps_cpu"])
+        assert all(clip["stages"][k] > 0 for k in ("reference_unet", "denoising_unet", "vae_encode", "vae_decode",
+                                                   "audio_proj", "prepare"))
+        # Timed stages lie inside the clip; `other` is the untimed remainder, so they add up.
+        assert abs(sum(clip["stages"][k] for k in (*STAGES, "other")) - clip["total"]) < 1e-6
+        assert clip["stages"]["denoising_unet"] == sum(clip["steps"])
+        assert clip["cpu"] > 0 and clip["rss"] > 0
+    # Identity tokens and face features are computed once per video, in clip 0.
+    assert run[0]["stages"]["face_locator"] > 0 and run[1]["stages"]["face_locator"] == 0
+
+    s = bench.summarize(child)
+    assert 0 < s["seconds_per_clip"]["min"] <= s["seconds_per_clip"]["median"]
+    assert s["peak_rss_gb"] >= s["rss_built_gb"] > s["net_gb"] > 0 and len(s["rss_after_clip_gb"]) == 2
+    assert "speedup_vs_reference" not in s  # 2 steps: not the reference's run
+    text = bench.table([child | {"summary": s}])
+    assert "tiny" in text and "x2: s/clip" in text
+
+
+def test_bench_config_selection():
+    args = bench.parse_args(["--config", "tiny,long", "--config", "real64", "--clips", "1,3", "--steps", "5"])
+    assert bench._configs(args.config) == ["tiny", "long", "real64"]
+    assert bench.resolve("long", args).clips == (1, 3) and bench.resolve("tiny", args).clips == (1,)
+    assert bench.resolve("real64", args).steps == 5 and bench.resolve("real64", args).size == 64
