@@ -5,6 +5,7 @@ end to end on a CPU without the multi-GB released weights. The sizes are those o
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,6 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED) -> list[Path]:
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from . import layout
-    from .face import write_tiny_face_models
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -127,3 +127,94 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED) -> list[Path]:
 
     faces = write_tiny_face_models(layout.FACE_ANALYSIS.path(root), layout.LANDMARKER.path(root))
     return [net, vae, clip, w2v, *faces]
+
+
+# --- stand-in face models (the real InsightFace / MediaPipe files cannot be generated) ---------------
+
+def _onnx(graph, path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def write_centre_face_detector(path: Path, det_size: int = 640) -> None:
+    """SCRFD-shaped ONNX detector (3 strides x score/bbox/kps) that reports one face, centred, about a
+    third of the frame wide, whatever the image: enough to drive FaceAnalysis end to end."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, outs = [], [], {"score": [], "bbox": [], "kps": []}
+    for stride in (8, 16, 32):
+        cells = det_size // stride
+        score = np.full((cells * cells * 2, 1), -10.0, np.float32)
+        if stride == 32:
+            score[(cells // 2 * cells + cells // 2) * 2] = 0.95  # first anchor of the centre cell
+        dist = np.full((len(score), 4), 3.0, np.float32)  # box = anchor +- 3 strides
+        kps = np.tile(np.array([[-1, -1, 1, -1, 0, 0.3, -0.8, 1.2, 0.8, 1.2]], np.float32), (len(score), 1))
+        for kind, value in (("score", score), ("bbox", dist), ("kps", kps)):
+            name = f"s{stride}_{kind}"
+            inits.append(numpy_helper.from_array(value, name + "_c"))
+            nodes.append(helper.make_node("Identity", [name + "_c"], [name]))
+            outs[kind].append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape)))
+    image = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, det_size, det_size])
+    _onnx(helper.make_graph(nodes, "tiny_centre_face_detector", [image],
+                            outs["score"] + outs["bbox"] + outs["kps"], inits), path)
+
+
+def write_tiny_recognizer(path: Path, seed: int = TINY_SEED) -> None:
+    """ArcFace-shaped ONNX recognizer: 112x112 face crop -> 512-d embedding (pooled pixels x fixed matrix)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = fill_state_dict(seed, {"recognizer.weight": (3 * 8 * 8, 512)})["recognizer.weight"].numpy()
+    nodes = [helper.make_node("AveragePool", ["input.1"], ["pool"], kernel_shape=[14, 14], strides=[14, 14]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "W"], ["embedding"])]
+    _onnx(helper.make_graph(nodes, "tiny_recognizer",
+                            [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, 112, 112])],
+                            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1, 512])],
+                            [numpy_helper.from_array(weight, "W")]), path)
+
+
+MEDIAPIPE_LEGACY = "mediapipe==0.10.21"
+_LEGACY_TFLITE = {"face_detector.tflite": "mediapipe/modules/face_detection/face_detection_short_range.tflite",
+                  "face_landmarks_detector.tflite": "mediapipe/modules/face_landmark/face_landmark.tflite"}
+
+
+def write_stand_in_landmarker(task: Path, wheel_dir: Path | None = None) -> None:
+    """A FaceLandmarker `.task` bundle assembled from mediapipe 0.10.21's face detector and 468-point
+    landmark models (fetched from PyPI with pip): it runs through the Tasks API and finds real faces,
+    but its 478 landmarks are NOT those of the released bundle (they sit on the face, roughly)."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(wheel_dir or tmp)
+        wheels = sorted(where.glob("mediapipe-0.10.21-*.whl"))
+        if not wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+                   "311", "--platform", "manylinux_2_28_x86_64", MEDIAPIPE_LEGACY, "-d", str(where), "-q"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            wheels = sorted(where.glob("mediapipe-0.10.21-*.whl"))
+            if not wheels:
+                raise RuntimeError(f"could not fetch {MEDIAPIPE_LEGACY} from PyPI for the stand-in landmarker: "
+                                   f"{proc.stderr.strip()[-300:]}")
+        task.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as wheel, zipfile.ZipFile(task, "w", zipfile.ZIP_STORED) as bundle:
+            for name, member in _LEGACY_TFLITE.items():
+                bundle.writestr(name, wheel.read(member))
+
+
+def write_tiny_face_models(face_dir: Path, task: Path) -> list[Path]:
+    face_dir.mkdir(parents=True, exist_ok=True)
+    detector, recognizer = face_dir / "tiny_scrfd.onnx", face_dir / "tiny_arcface.onnx"
+    write_centre_face_detector(detector)
+    write_tiny_recognizer(recognizer)
+    write_stand_in_landmarker(task, Path(os.environ["EMOCAST_MEDIAPIPE_WHEEL_DIR"])
+                              if os.environ.get("EMOCAST_MEDIAPIPE_WHEEL_DIR") else None)
+    return [detector, recognizer, task]

@@ -146,3 +146,13 @@ def test_long_prompt_error_and_truncation(clip_tokenizer, text_model):
 def test_tokenizer_folder_error(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="lacks vocab.json, merges.txt.*sd1_tokenizer"):
         load_clip_tokenizer(tmp_path)
+
+
+def test_cli_tokenizer_matches_the_real_vocabulary(clip_tokenizer):
+    """The CLI tokenizes with instant-clip-tokenizer (vocabulary inside the wheel): same ids as CLIP's."""
+    from emocast_lib.cli import ClipBpeTokenizer
+
+    ours = ClipBpeTokenizer()
+    for prompt in ["The portrait is watching a horror movie with jump scares.", "", "a photo of a cat",
+                   "  Extremely   HAPPY!!! :-) café, naïve; 3.5 times  ", "sad\nand\ttired", "don't-stop (crying)"]:
+        assert ours(prompt)["input_ids"] == clip_tokenizer(prompt)["input_ids"], prompt
