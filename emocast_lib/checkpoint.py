@@ -6,6 +6,7 @@ a file that needs anything beyond tensors and plain containers is refused before
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import re
@@ -206,6 +207,9 @@ def load_net(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         if sd.keys() == shapes.keys() and all(tuple(sd[k].shape) == shapes[k] for k in shapes):
             break
     check_state_dict(sd, shapes, str(path))
+    if candidate is TINY_PACK_NET:
+        logging.getLogger("emocast").warning(
+            "%s is the tiny TEST model written by make-tiny-models, not EmoCAST: its output is noise", path)
     net.load_state_dict({k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()},
                         assign=True)
     return net.eval()

@@ -91,6 +91,16 @@ def generate_file(args: argparse.Namespace) -> Path:
     if missing or inputs:
         lines = [f"input file not found: {p}" for p in inputs]
         raise FileNotFoundError("\n".join(lines + ([layout.missing_report(args.models, missing)] if missing else [])))
+    # Audio first: it is cheap to decode and check, so bad audio fails before any model loads.
+    wave, rate = audio_lib.load_audio_file(args.audio)
+    if args.vocal_separation:
+        vocals = audio_lib.separate_vocals(args.audio, layout.SEPARATOR.path(args.models).parent,
+                                           args.out.parent / ".emocast_separated")
+        wave16k = audio_lib.load_separated_16k(vocals)
+    else:
+        wave16k = audio_lib.to_16k_mono(wave, rate)
+    if len(wave16k) < audio_lib.SAMPLE_RATE / args.fps:
+        raise ValueError(f"{args.audio} is shorter than one video frame at {args.fps} fps")
     device = pick_device(args.device)
     dtype = pick_dtype(args.precision, device)
 
@@ -107,13 +117,6 @@ def generate_file(args: argparse.Namespace) -> Path:
         identity = found.embedding
     portrait = make_portrait(rgb, landmarks, identity, size, args.expand_ratio)
 
-    wave, rate = audio_lib.load_audio_file(args.audio)
-    if args.vocal_separation:
-        vocals = audio_lib.separate_vocals(args.audio, layout.SEPARATOR.path(args.models).parent,
-                                           args.out.parent / ".emocast_separated")
-        wave16k = audio_lib.load_separated_16k(vocals)
-    else:
-        wave16k = audio_lib.to_16k_mono(wave, rate)
     feats = audio_lib.encode_audio(wave16k, audio_lib.load_wav2vec2(layout.WAV2VEC.path(args.models)).to(device),
                                    args.fps, args.clip_length)
 
