@@ -146,6 +146,24 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def reset_peak_rss() -> bool:
+    """Restart Linux's RSS high-water mark (VmHWM), so that the peak of inference alone can be read
+    after the model build (whose allocator slack otherwise sets the process peak)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_bytes() -> int | None:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
+
+
 def machine_info() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             "python": platform.python_version(), "torch": torch.__version__,
@@ -297,6 +315,8 @@ def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: boo
     rss_built = rss_bytes()
     settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
     inp = make_inputs(net.config, bc.size, bc.frames, clips)
+    build_peak = peak_rss_bytes()
+    hwm_reset = reset_peak_rss()
     done = []
     for r in range(runs):
         done.append(time_clips(net, vae, inp, settings))
@@ -304,7 +324,8 @@ def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: boo
               file=sys.stderr, flush=True)
     out = {"config": asdict(bc) | {"clips": clips}, "threads": torch.get_num_threads(), "runs": done,
            "weights": weights, "build_s": build, "net_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
-           "rss_start": rss_start, "rss_built": rss_built, "peak_rss": peak_rss_bytes()}
+           "rss_start": rss_start, "rss_built": rss_built, "peak_rss": peak_rss_bytes(), "peak_rss_build": build_peak,
+           "peak_rss_inference": hwm_bytes() if hwm_reset else None}
     if profile:  # after the peak-RSS reading: the profiler's own memory is not the pipeline's
         out["profile"] = profiles(net, vae, inp, settings)
     return out
@@ -325,6 +346,7 @@ def summarize(child: dict[str, Any]) -> dict[str, Any]:
          "step": _mm([t for c in clips for t in c["steps"]]),
          "step_cpu": _mm([t for c in clips for t in c["steps_cpu"]]),
          "peak_rss_gb": child["peak_rss"] / GB, "net_gb": child["net_bytes"] / GB,
+         "peak_rss_inference_gb": child["peak_rss_inference"] / GB if child.get("peak_rss_inference") else None,
          "rss_start_gb": (child["rss_start"] or 0) / GB, "rss_built_gb": (child["rss_built"] or 0) / GB,
          "build_s": child["build_s"],
          "per_clip_seconds_last_run": [c["total"] for c in child["runs"][-1]],
@@ -340,7 +362,7 @@ def table(results: list[dict[str, Any]]) -> str:
     cols = [("config", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"), ("thr", 4, "d"),
             ("time", 5, "s"), ("s/clip", 8, ".3f"), ("refUNet", 8, ".3f"), ("step", 7, ".3f"), ("steps", 7, ".3f"),
             ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"), ("other", 7, ".3f"), ("peakGB", 7, ".2f"),
-            ("netGB", 6, ".2f"), ("vs ref", 7, "s")]
+            ("infGB", 6, ".2f"), ("netGB", 6, ".2f"), ("vs ref", 7, "s")]
     lines = ["".join(f"{n:>{w}}" if i else f"{n:<{w}}" for i, (n, w, _) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
     for r in results:
@@ -351,12 +373,14 @@ def table(results: list[dict[str, Any]]) -> str:
             ratio = f"{s['speedup_vs_reference']:.2f}x" if kind == "wall" and "speedup_vs_reference" in s else ""
             row = [c["name"], c["size"], c["frames"], c["steps"], c["clips"], r["threads"], kind, s[per_clip][stat],
                    st["reference_unet"], s[step][stat], st["denoising_unet"], st["vae_encode"], st["vae_decode"],
-                   st["conditioning"], st["other"], s["peak_rss_gb"], s["net_gb"], ratio]
+                   st["conditioning"], st["other"], s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"),
+                   s["net_gb"], ratio]
             lines.append("".join(f"{v:{'<' if i == 0 else '>'}{w}{fmt}}"
                                  for i, (v, (_, w, fmt)) in enumerate(zip(row, cols))))
     lines.append("(wall: min over clips and runs; cpu: median process CPU seconds. Stages are per clip, `step` is one "
                  "denoising-UNet call, `cond` = audio/image projections + face locator + prepare, `other` = the rest "
-                 "of the clip: guidance, scheduler, glue)")
+                 "of the clip: guidance, scheduler, glue. peakGB: process peak RSS (build included); infGB: peak RSS "
+                 "while generating (high-water mark reset after the build); netGB: the network's weights)")
     for r in results:
         if r["config"]["clips"] > 1:
             s = r["summary"]
