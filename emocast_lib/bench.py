@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -244,20 +245,21 @@ def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig)
 
 # ----------------------------------------------------------------------------------------------- profile
 
-CATEGORIES = (  # (category, substrings of aten op names), first match wins
-    ("conv", ("convolution", "conv2d", "mkldnn_conv")),
-    ("attention", ("scaled_dot_product", "_flash_attention", "_efficient_attention", "softmax", "baddbmm", "bmm")),
-    ("linear", ("addmm", "aten::mm", "aten::linear", "matmul")),
-    ("group_norm", ("group_norm",)),
-    ("layer_norm", ("layer_norm",)),
-    ("fp16_round", ("_to_copy", "aten::to")),
-    ("copy/layout", ("cat", "copy_", "clone", "contiguous", "index", "repeat", "expand", "upsample", "pad")),
-    ("elementwise", ("add", "mul", "sub", "div", "silu", "gelu", "relu", "exp", "sin", "cos", "clamp")),
+CATEGORIES = (  # (category, full-match pattern on the aten op name without "aten::"), first match wins
+    ("conv", r".*conv.*|im2col|col2im"),
+    ("attention", r".*scaled_dot_product.*|.*flash_attention.*|.*efficient_attention.*|_?softmax|bmm|baddbmm"),
+    ("linear", r"addmm|mm|linear|matmul"),  # also the convs the model runs as im2col + GEMM
+    ("group_norm", r".*group_norm"),
+    ("layer_norm", r".*layer_norm"),
+    ("dtype_cast", r"_to_copy|to"),  # e.g. the fp16 rounding of the reference bank
+    ("copy/layout", r"cat|copy_|clone|contiguous|index.*|repeat.*|expand|.*upsample.*|.*pad.*|unfold"),
+    ("elementwise", r"add_?|mul_?|sub_?|div_?|silu_?|gelu|relu_?|exp|sin|cos|clamp.*|neg|sqrt|rsqrt|pow"),
 )
 
 
 def _category(op: str) -> str:
-    return next((c for c, keys in CATEGORIES if any(k in op for k in keys)), "other")
+    name = op.removeprefix("aten::")
+    return next((c for c, pattern in CATEGORIES if re.fullmatch(pattern, name)), "other")
 
 
 def profile_call(fn: Callable[[], Any], top: int = 15) -> dict[str, Any]:
