@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, FeedForward
+from .attention import Attention, FeedForward, attend
 from .blocks import pointwise, to_grid, to_tokens
 
 REGIONS = ("full", "face", "lip")
@@ -25,20 +26,36 @@ class AudioBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def prepare(self, audio: torch.Tensor, emotion: torch.Tensor) -> list:
-        """Step-invariant part: the emotive context and its key/value projections for the three
-        region attentions. audio (rows, T, Da), emotion (rows, 77, D)."""
-        z = self.postnorm_audioemo(self.attn_audioemo(emotion, audio))
-        return [getattr(self, f"attn2_{i}").kv(z) for i in range(3)]
+    def _regions(self) -> list[Attention]:
+        return [getattr(self, f"attn2_{i}") for i in range(len(REGIONS))]
 
-    def forward(self, x: torch.Tensor, kvs: list, masks: list[torch.Tensor], scales) -> torch.Tensor:
+    def prepare(self, audio: torch.Tensor, emotion: torch.Tensor) -> dict:
+        """Step-invariant part, per clip: the emotive context Z (rows, 77, D) from emotion (rows, 77, D)
+        and audio tokens (rows, T, Da), and the keys/values of the three region attentions on it,
+        stacked as extra heads so the three run as one attention call."""
+        z = self.postnorm_audioemo(self.attn_audioemo(emotion, audio))
+        regions = self._regions()
+        k = torch.cat([a.to_k(z) for a in regions], dim=-1)
+        v = torch.cat([a.to_v(z) for a in regions], dim=-1)
+        # Rows whose context is one repeated token (the unconditional half: silent audio makes Z equal
+        # to the output bias everywhere) attend uniformly, so their result is that token's value.
+        same = (z == z[:, :1]).all(dim=2).all(dim=1)
+        fixed = int(same.long().cumprod(0).sum())
+        return {"q": torch.cat([a.to_q.weight for a in regions]), "k": k[fixed:], "v": v[fixed:],
+                "fixed": v[:fixed, 0]}
+
+    def forward(self, x: torch.Tensor, ctx: dict, masks: list[torch.Tensor], scales) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         n2 = self.norm2(x)
+        regions = self._regions()
+        fixed = ctx["fixed"]
+        att = attend(F.linear(n2[len(fixed):], ctx["q"]), ctx["k"], ctx["v"], regions[0].heads * len(regions))
+        att = torch.cat([fixed[:, None].expand(-1, x.shape[1], -1), att])
         out = x
-        for i, region in enumerate(REGIONS):
+        for i, (attn, region) in enumerate(zip(regions, REGIONS)):
+            y = attn.to_out[0](att.chunk(len(regions), dim=-1)[i])
             # The mask gates before the 1x1 conv, so the conv bias reaches every position.
-            y = getattr(self, f"attn2_{i}")(n2, kv=kvs[i]) * masks[i][:, :, None]
-            out = out + scales[i] * pointwise(getattr(self, f"zero_conv_{region}"), y)
+            out = out + scales[i] * pointwise(getattr(self, f"zero_conv_{region}"), y * masks[i][:, :, None])
         return out + self.ff(self.norm3(out))
 
 
@@ -51,10 +68,10 @@ class AudioModule(nn.Module):
         self.transformer_blocks = nn.ModuleList([AudioBlock(inner, heads, audio_dim, emo_dim, token_dim, emo_head_dim)])
         self.proj_out = nn.Conv2d(inner, c, 1)
 
-    def prepare(self, audio: torch.Tensor, emotion: torch.Tensor) -> list:
+    def prepare(self, audio: torch.Tensor, emotion: torch.Tensor) -> dict:
         return self.transformer_blocks[0].prepare(audio, emotion)
 
-    def forward(self, x: torch.Tensor, kvs: list, masks: list[torch.Tensor], scales) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kvs: dict, masks: list[torch.Tensor], scales) -> torch.Tensor:
         h, w = x.shape[-2:]
         t = self.transformer_blocks[0](pointwise(self.proj_in, to_tokens(self.norm(x))), kvs, masks, scales)
         return x + to_grid(pointwise(self.proj_out, t), h, w)
