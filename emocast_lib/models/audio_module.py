@@ -33,10 +33,15 @@ class AudioBlock(nn.Module):
         """Step-invariant part, per clip: the emotive context Z (rows, 77, D) from emotion (rows, 77, D)
         and audio tokens (rows, T, Da), and the keys/values of the three region attentions on it,
         stacked as extra heads so the three run as one attention call."""
-        z = self.postnorm_audioemo(self.attn_audioemo(emotion, audio))
+        # Consecutive rows with the same emotion and audio (every unconditional row) are computed once.
+        same = torch.cat([torch.zeros(1, dtype=torch.bool, device=audio.device),
+                          (audio[1:] == audio[:-1]).flatten(1).all(1) & (emotion[1:] == emotion[:-1]).flatten(1).all(1)])
+        first, group = (~same).nonzero()[:, 0], (~same).cumsum(0) - 1
+        z = self.postnorm_audioemo(self.attn_audioemo(emotion[first], audio[first]))
         regions = self._regions()
-        k = torch.cat([a.to_k(z) for a in regions], dim=-1)
-        v = torch.cat([a.to_v(z) for a in regions], dim=-1)
+        k = torch.cat([a.to_k(z) for a in regions], dim=-1)[group]
+        v = torch.cat([a.to_v(z) for a in regions], dim=-1)[group]
+        z = z[group]
         # Rows whose context is one repeated token (the unconditional half: silent audio makes Z equal
         # to the output bias everywhere) attend uniformly, so their result is that token's value.
         same = (z == z[:, :1]).all(dim=2).all(dim=1)

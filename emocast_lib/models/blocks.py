@@ -42,11 +42,21 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         k, s, p = self.kernel_size, self.stride, self.padding
         if h == w == 1 and s == (1, 1) and p == (k[0] // 2, k[1] // 2):
-            return F.linear(x.flatten(1), self.weight[:, :, p[0], p[1]], self.bias)[:, :, None, None]
+            return F.linear(x.flatten(1), self._centre(), self.bias)[:, :, None, None]
         cols = F.unfold(x, k, self.dilation, p, s)  # (n, cin*kh*kw, L)
         oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
         y = torch.addmm(self.bias[:, None], self.weight.flatten(1), cols.transpose(0, 1).reshape(cols.shape[1], -1))
         return y.view(-1, n, oh, ow).transpose(0, 1).contiguous()
+
+    def _centre(self) -> torch.Tensor:
+        """Contiguous copy of the centre tap, remade only when the weight tensor changes (slicing it
+        on every call costs more than the product itself)."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        if getattr(self, "_centre_key", None) != key:
+            p = self.padding
+            self._centre_weight = self.weight.detach()[:, :, p[0], p[1]].contiguous()
+            self._centre_key = key
+        return self._centre_weight
 
 
 class ResnetBlock(nn.Module):
