@@ -6,6 +6,7 @@ end to end on a CPU without the multi-GB released weights. The sizes are those o
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,10 @@ TINY_NET = NetConfig(
 # The tiny model written by `make-tiny-models`: tiny UNets, but the text width of CLIP-L, the
 # 512-d identity of InsightFace and 12 wav2vec layers, so that ComfyUI's own CLIP-L and SD-VAE
 # loaders take the companion files. Its native size is 64 px to keep CPU runs short.
-TINY_PACK_NET = NetConfig(
-    unet=UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16, heads=4,
-                    cross_attention_dim=768, audio_attention_dim=768, audio_token_dim=40, emotive_head_dim=12),
-    face_locator=FaceLocatorConfig(out_channels=32),
+TINY_PACK_NET = replace(
+    TINY_NET, unet=replace(TINY_NET.unet, cross_attention_dim=768, audio_attention_dim=768),
     image_proj=ImageProjConfig(embedding_dim=512, tokens=4, width=768),
-    audio_proj=AudioProjConfig(window=5, layers=12, channels=32, hidden=32, tokens=8, width=40),
-    sample_size=64,
-)
+    audio_proj=replace(TINY_NET.audio_proj, layers=12, channels=32), sample_size=64)
 TINY_VAE: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
     "block_out_channels": [16, 16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 4,
