@@ -52,7 +52,7 @@ class AudioEncode(io.ComfyNode):
         try:
             wave16k = audio_lib.to_16k_mono(wave, rate)
             mm.load_models_gpu([audio_encoder], force_full_load=True)
-            feats = audio_lib.encode_audio(wave16k, audio_encoder.model, fps, clip_length)
+            feats = audio_lib.encode_audio(wave16k, audio_encoder.model.encoder, fps, clip_length)
         except ValueError as e:
             raise EmoCASTInputError(f"audio: {e}") from e
         cond = AudioCond(feats.windowed, feats.audio_length, fps, clip_length,

@@ -27,6 +27,15 @@ def managed(module: torch.nn.Module) -> ModelPatcher:
     return ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
+class Wav2Vec2Holder(torch.nn.Module):
+    """ModelPatcher records the device on its module as `.device`, which transformers models expose as
+    a read-only property; this container takes the attribute instead."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+
 class ModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -95,4 +104,4 @@ class AudioEncoderLoader(io.ComfyNode):
         folder = paths.wav2vec_folders().get(wav2vec)
         if folder is None:
             raise FileNotFoundError(paths.missing_folder("wav2vec", wav2vec, layout.WAV2VEC))
-        return io.NodeOutput(managed(load_wav2vec2(folder).requires_grad_(False)))
+        return io.NodeOutput(managed(Wav2Vec2Holder(load_wav2vec2(folder).requires_grad_(False))))
