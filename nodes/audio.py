@@ -40,7 +40,7 @@ class AudioEncode(io.ComfyNode):
                                      "padded to whole clips and the video trimmed back to the speech."),
             ],
             outputs=[
-                Audio.Output("emocast_audio", tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
+                Audio.Output("emocast_audio", display_name="emocast_audio", tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
                 io.Audio.Output("fitted_audio", display_name="audio", tooltip="The input sound trimmed/padded to exactly the video's length "
                                                  "(frames / fps), for Create Video."),
             ],
@@ -79,7 +79,7 @@ class VocalSeparator(io.ComfyNode):
                                        f"audio-separator's download_checks.json, mdx_model_data.json and "
                                        f"vr_model_data.json. Download: {layout.SEPARATOR.source}"),
             ],
-            outputs=[io.Audio.Output("vocals", tooltip="The separated voice, 16 kHz mono.")],
+            outputs=[io.Audio.Output("vocals", display_name="vocals", tooltip="The separated voice, 16 kHz mono.")],
         )
 
     @classmethod

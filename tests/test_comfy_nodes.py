@@ -1,0 +1,26 @@
+"""Runs tests/test_nodes_comfy.py (the nodes with ComfyUI's own objects, cancel, determinism, error
+messages) under the ComfyUI venv's python, from the normal test suite."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_DIR, COMFY_VENV = os.environ.get("COMFY_DIR"), os.environ.get("COMFY_VENV")
+PYTHON = Path(COMFY_VENV or "", "bin", "python")
+
+
+@pytest.mark.skipif(not (COMFY_DIR and COMFY_VENV and PYTHON.is_file()),
+                    reason="needs a real ComfyUI: set COMFY_DIR and COMFY_VENV to a tree prepared by "
+                           "comfy_harness/setup.sh")
+def test_nodes_in_comfyui_venv():
+    has_pytest = subprocess.run([str(PYTHON), "-c", "import pytest"], capture_output=True).returncode == 0
+    if not has_pytest:
+        pytest.skip(f"pytest is not installed in {COMFY_VENV}: `{PYTHON} -m pip install pytest`")
+    proc = subprocess.run([str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_nodes_comfy.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
