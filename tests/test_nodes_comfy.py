@@ -195,6 +195,17 @@ def test_missing_files_say_where_they_go_and_where_to_get_them(models):
     message = nodes_loaders.ModelLoader.validate_inputs("missing.pth")
     assert "net.pth" in message and "huggingface.co" in message
     assert nodes_loaders.ModelLoader.validate_inputs("net.pth") is True
+    message = nodes_audio.VocalSeparator.validate_inputs("audio_separator/Kim_Vocal_2.onnx")
+    assert "models/emocast/audio_separator/Kim_Vocal_2.onnx" in message and "github.com/TRvlvr" in message
+
+
+def test_combos_list_model_files_only(models):
+    paths = pack_module("paths")
+    assert "net.pth" in paths.checkpoints()
+    assert not [c for c in paths.checkpoints() if c.split("/")[0] in paths.COMPANION_DIRS]
+    assert list(paths.wav2vec_folders()) == ["wav2vec/wav2vec2-base-960h"]
+    assert list(paths.face_model_folders()) == ["face_analysis/models"]
+    assert Path(folder_paths.models_dir, "emocast") in paths.roots()  # the default folder stays registered
 
 
 def test_checkpoint_that_is_not_emocast(models, tmp_path):
