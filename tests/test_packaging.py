@@ -1,0 +1,65 @@
+"""Packaging: pyproject.toml (what the Comfy registry installs) agrees with requirements.txt (what
+ComfyUI-Manager installs), and carries the registry metadata."""
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirements() -> list[str]:
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def _normalised(specs: list[str]) -> dict[str, str]:
+    reqs = [Requirement(s) for s in specs]
+    return {re.sub(r"[-_.]+", "-", r.name).lower(): str(r.specifier) + (f";{r.marker}" if r.marker else "")
+            for r in reqs}
+
+
+def test_dependencies_match_requirements_txt():
+    deps = _pyproject()["project"]["dependencies"]
+    assert _normalised(deps) == _normalised(_requirements())
+    assert len(deps) == len(_requirements()), "a dependency is listed twice"
+
+
+def test_no_torch_pin_and_one_opencv():
+    names = set(_normalised(_requirements()))
+    assert not names & {"torch", "torchvision", "torchaudio"}, "ComfyUI's own torch must win"
+    assert len([n for n in names if n.startswith("opencv")]) <= 1, "OpenCV variants share the cv2 module"
+
+
+def test_registry_metadata():
+    data = _pyproject()
+    project, comfy = data["project"], data["tool"]["comfy"]
+    assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,99}", project["name"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert project["description"] and project["license"]
+    assert project["urls"]["Repository"].startswith("https://")
+    assert comfy["PublisherId"]
+    assert "EmoCAST" in comfy["DisplayName"]
+    assert comfy["Icon"].startswith("https://") and comfy["Icon"].endswith((".png", ".jpg", ".svg", ".gif"))
+    assert comfy["requires-comfyui"] == ">=0.3.64"
+
+
+def test_icon_and_thumbnails_exist():
+    icon = _pyproject()["tool"]["comfy"]["Icon"]
+    assert (ROOT / icon.split("/main/", 1)[1]).is_file(), "the Icon URL must point at a file of the repo"
+    for workflow in (ROOT / "workflows").glob("*.json"):
+        assert workflow.with_suffix(".jpg").is_file(), f"{workflow.name} has no thumbnail"
+
+
+def test_web_directory_served_once():
+    """WEB_DIRECTORY serves web/; a second registration through [tool.comfy] web would load it twice."""
+    assert 'WEB_DIRECTORY = "./web"' in (ROOT / "__init__.py").read_text()
+    assert "web" not in _pyproject()["tool"]["comfy"]
+    assert list((ROOT / "web").rglob("*.js"))
