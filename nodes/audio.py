@@ -40,9 +40,11 @@ class AudioEncode(io.ComfyNode):
                                      "padded to whole clips and the video trimmed back to the speech."),
             ],
             outputs=[
-                Audio.Output("emocast_audio", display_name="emocast_audio", tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
-                io.Audio.Output("fitted_audio", display_name="audio", tooltip="The input sound trimmed/padded to exactly the video's length "
-                                                 "(frames / fps), for Create Video."),
+                Audio.Output("emocast_audio", display_name="emocast_audio",
+                             tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
+                io.Audio.Output("fitted_audio", display_name="audio",
+                                tooltip="The input sound trimmed/padded to exactly the video's length "
+                                        "(frames / fps), for Create Video."),
             ],
         )
 

@@ -32,8 +32,9 @@ class EmotionEncode(io.ComfyNode):
                                 tooltip="What the portrait feels, in plain words (at most 75 CLIP tokens). Taken "
                                         "literally: (word:1.2) weighting and embeddings are not applied."),
             ],
-            outputs=[Emotion.Output("emotion", display_name="emotion", tooltip="Emotion conditioning for EmoCAST Sampler or EmoCAST "
-                                                        "Emotion Schedule.")],
+            outputs=[Emotion.Output("emotion", display_name="emotion",
+                                    tooltip="Emotion conditioning for EmoCAST Sampler or EmoCAST "
+                                            "Emotion Schedule.")],
         )
 
     @classmethod
@@ -79,7 +80,8 @@ class EmotionSchedule(io.ComfyNode):
                 io.Float.Input("crossfade", default=0.4, min=0.0, max=10.0, step=0.05, round=0.01,
                                tooltip="Length in seconds of each crossfade between two emotions (0: hard cut)."),
             ],
-            outputs=[Emotion.Output("emotion", display_name="emotion", tooltip="Per-frame emotion conditioning for EmoCAST Sampler.")],
+            outputs=[Emotion.Output("emotion", display_name="emotion",
+                                    tooltip="Per-frame emotion conditioning for EmoCAST Sampler.")],
         )
 
     @classmethod

@@ -72,11 +72,15 @@ class FaceAnalysis(io.ComfyNode):
                                          "embedding the original code falls back to when it finds no face."),
             ],
             outputs=[
-                Face.Output("face", display_name="face", tooltip="Landmarks, identity and mask settings for EmoCAST Sampler."),
-                io.Mask.Output("face_region", display_name="face_region", tooltip="Expanded face box (what the face locator sees)."),
-                io.Mask.Output("face_mask", display_name="face_mask", tooltip="Soft face mask without the lips (face attention)."),
+                Face.Output("face", display_name="face",
+                            tooltip="Landmarks, identity and mask settings for EmoCAST Sampler."),
+                io.Mask.Output("face_region", display_name="face_region",
+                               tooltip="Expanded face box (what the face locator sees)."),
+                io.Mask.Output("face_mask", display_name="face_mask",
+                               tooltip="Soft face mask without the lips (face attention)."),
                 io.Mask.Output("lip_mask", display_name="lip_mask", tooltip="Soft lip mask (lip attention)."),
-                io.Mask.Output("background_mask", display_name="background_mask", tooltip="Soft background mask, 1 - face (pose attention)."),
+                io.Mask.Output("background_mask", display_name="background_mask",
+                               tooltip="Soft background mask, 1 - face (pose attention)."),
             ],
         )
 
@@ -126,7 +130,8 @@ class CropPortrait(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("portrait", display_name="portrait", tooltip="Square face-centred crop, size x size."),
-                CropSocket.Output("crop_info", display_name="crop_info", tooltip="Where the crop lies in the source image."),
+                CropSocket.Output("crop_info", display_name="crop_info",
+                                  tooltip="Where the crop lies in the source image."),
             ],
         )
 

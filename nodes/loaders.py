@@ -54,8 +54,9 @@ class ModelLoader(io.ComfyNode):
                                tooltip="Weight precision. auto: fp16 (or bf16) where the GPU supports it, "
                                        "fp32 on the CPU."),
             ],
-            outputs=[Model.Output("model", display_name="model", tooltip="The EmoCAST network, managed by ComfyUI (moved to the "
-                                                    "GPU for sampling, offloaded when memory is needed).")],
+            outputs=[Model.Output("model", display_name="model",
+                                  tooltip="The EmoCAST network, managed by ComfyUI (moved to the "
+                                          "GPU for sampling, offloaded when memory is needed).")],
         )
 
     @classmethod
@@ -88,7 +89,8 @@ class AudioEncoderLoader(io.ComfyNode):
                                tooltip=f"wav2vec2 folder in models/{paths.FOLDER}/{paths.WAV2VEC_DIR}/ holding "
                                        f"config.json and model.safetensors. Download: {layout.WAV2VEC.source}"),
             ],
-            outputs=[AudioEncoder.Output("audio_encoder", display_name="audio_encoder", tooltip="wav2vec2 encoder for EmoCAST Audio Encode.")],
+            outputs=[AudioEncoder.Output("audio_encoder", display_name="audio_encoder",
+                                         tooltip="wav2vec2 encoder for EmoCAST Audio Encode.")],
         )
 
     @classmethod

@@ -79,8 +79,9 @@ class Sampler(io.ComfyNode):
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames, trimmed to the speech."),
                 io.Audio.Output("audio", display_name="audio", tooltip="The speech, exactly as long as the frames."),
                 io.Float.Output("fps", display_name="fps", tooltip="Frame rate of the frames (for Create Video)."),
-                io.Latent.Output("latent", display_name="latent", tooltip="The frames' latents in ComfyUI's scale (core VAE Decode "
-                                                   "gives the frames back)."),
+                io.Latent.Output("latent", display_name="latent",
+                                 tooltip="The frames' latents in ComfyUI's scale (core VAE Decode "
+                                         "gives the frames back)."),
             ],
         )
 
