@@ -120,7 +120,15 @@ def models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def inputs(models: Path) -> dict:
-    return sampler_inputs(models)
+    with torch.inference_mode():
+        return sampler_inputs(models)
+
+
+@pytest.fixture(autouse=True)
+def comfy_executor():
+    """ComfyUI's executor runs every node under torch.inference_mode() (execution.py)."""
+    with torch.inference_mode():
+        yield
 
 
 def test_cancel_stops_within_one_step_and_rerun_matches_a_fresh_process(inputs, models, tmp_path):
@@ -242,4 +250,6 @@ def test_emotion_schedule_checks_ranges(models):
 if __name__ == "__main__":  # a fresh process: load everything and sample once
     torch.set_num_threads(1)  # as tests/conftest.py
     register_models(Path(sys.argv[1]))
-    torch.save(nodes_sampler.Sampler.execute(**sampler_inputs(Path(sys.argv[1])))[0], sys.argv[2])
+    with torch.inference_mode():
+        frames = nodes_sampler.Sampler.execute(**sampler_inputs(Path(sys.argv[1])))[0]
+    torch.save(frames.clone(), sys.argv[2])
