@@ -34,3 +34,10 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def preprocess_dir() -> Path:
     return _fixture_dir("EMOCAST_PREPROCESS_FIXTURES", SHARED / "preprocess")
+
+
+@pytest.fixture(scope="session")
+def download_cache(request, tmp_path_factory) -> Path:
+    """A folder kept between runs (pytest's cache) for the few files tests fetch from PyPI."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("downloads")) if cache is not None else tmp_path_factory.mktemp("downloads")

@@ -99,9 +99,9 @@ def test_padding_rule(expected):
 
 
 @pytest.fixture(scope="module")
-def clip_tokenizer(request, tmp_path_factory):
+def clip_tokenizer(download_cache, tmp_path_factory):
     """The real CLIP tokenizer, with vocab.json/merges.txt derived from openai-clip's BPE merges file."""
-    cache = Path(request.config.cache.mkdir("openai_clip_1_0_1"))
+    cache = download_cache
     sdists = sorted(cache.glob("openai-clip-1.0.1.tar.gz"))
     if not sdists:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "openai-clip==1.0.1",

@@ -183,9 +183,9 @@ TFLITE = {"face_detector.tflite": "mediapipe/modules/face_detection/face_detecti
 
 
 @pytest.fixture(scope="module")
-def fake_task(request, tmp_path_factory) -> Path:
+def fake_task(download_cache, tmp_path_factory) -> Path:
     pytest.importorskip("mediapipe.tasks.python", reason="mediapipe is not installed")
-    cache = Path(request.config.cache.mkdir("mediapipe_0_10_21"))
+    cache = download_cache
     wheels = sorted(cache.glob("mediapipe-0.10.21-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "311",
