@@ -45,13 +45,18 @@ class Conv2d(nn.Conv2d):
             return F.linear(x.flatten(1), self._centre(), self.bias)[:, :, None, None]
         cols = F.unfold(x, k, self.dilation, p, s)  # (n, cin*kh*kw, L)
         oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
-        y = torch.addmm(self.bias[:, None], self.weight.flatten(1), cols.transpose(0, 1).reshape(cols.shape[1], -1))
+        y = self.weight.flatten(1) @ cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        if self.bias is not None:
+            y = y + self.bias[:, None]
         return y.view(-1, n, oh, ow).transpose(0, 1).contiguous()
 
     def _centre(self) -> torch.Tensor:
         """Contiguous copy of the centre tap, remade only when the weight tensor changes (slicing it
         on every call costs more than the product itself)."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        # Inference tensors (ComfyUI loads models under inference_mode) have no version counter; they
+        # cannot be modified in place either, so their address identifies them.
+        w = self.weight
+        key = (w.data_ptr(), w.dtype, 0 if w.is_inference() else w._version)
         if getattr(self, "_centre_key", None) != key:
             p = self.padding
             self._centre_weight = self.weight.detach()[:, :, p[0], p[1]].contiguous()
