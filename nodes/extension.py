@@ -8,12 +8,12 @@ from .audio import AudioEncode, VocalSeparator
 from .emotion import EmotionEncode, EmotionSchedule
 from .face import CropPortrait, FaceAnalysis
 from .loaders import AudioEncoderLoader, ModelLoader
-from .sampler import Sampler
+from .sampler import Sampler, SamplerToVideo
 
 paths.register()
 
 NODES: list[type[io.ComfyNode]] = [ModelLoader, AudioEncoderLoader, VocalSeparator, AudioEncode, EmotionEncode,
-                                   EmotionSchedule, FaceAnalysis, CropPortrait, Sampler]
+                                   EmotionSchedule, FaceAnalysis, CropPortrait, Sampler, SamplerToVideo]
 
 
 class EmoCASTExtension(ComfyExtension):

@@ -1,16 +1,21 @@
 """EmoCAST Sampler: the temporal sampler, clip by clip, with ComfyUI progress, previews and interrupt."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
 import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 import latent_preview
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from emocast_lib.config import SamplingConfig
-from emocast_lib.pipeline import AudioWindows, Emotion, iter_clips, make_portrait, num_clips
+from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
+from emocast_lib.video import Mp4Writer
 
 from .convert import comfy_vae, frames_to_image, latents_to_comfy, single_image, to_uint8
 from .sockets import Audio, Emotion as EmotionSocket, Face, Model
@@ -89,41 +94,89 @@ class Sampler(io.ComfyNode):
     def execute(cls, model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
                 emotion: EmotionCond, steps: int, cfg: float, seed: int, pose_weight: float, face_weight: float,
                 lip_weight: float) -> io.NodeOutput:
-        net = model.model
-        image = single_image(portrait, "portrait")
-        check_inputs(net, image, face, emocast_audio, emotion)
-        try:
-            inputs = make_portrait(to_uint8(image), face.landmarks, face.identity, net.config.sample_size,
-                                   face.expand_ratio)
-        except ValueError as e:
-            raise EmoCASTInputError(f"portrait: {e}") from e
-        audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
-        settings = SamplingConfig(steps=steps, cfg_scale=cfg, frames_per_clip=emocast_audio.clip_length,
-                                  fps=emocast_audio.fps, motion_scale=(pose_weight, face_weight, lip_weight),
-                                  seed=seed)
-        cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
-
-        mm.load_models_gpu([model], force_full_load=True)
-        total = num_clips(audio, settings) * steps
-        pbar = comfy.utils.ProgressBar(total)
-        previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.SD15())
-
-        def on_step(clip: int, step: int, latents: torch.Tensor) -> None:
-            # preview the clip's middle frame; the progress hook raises on Cancel
-            preview = None
-            if previewer is not None:
-                preview = previewer.decode_latent_to_preview_image("JPEG", latents[:, :, latents.shape[2] // 2])
-            pbar.update_absolute(clip * steps + step + 1, total, preview)
-
         frames, latents = [], []
-        try:
-            for clip in iter_clips(net, comfy_vae(vae), inputs, audio, Emotion(cond, emotion.uncond), settings,
-                                   on_step=on_step, should_stop=mm.processing_interrupted):
-                frames.append(clip.frames)
-                latents.append(clip.latents)
-        except GenerationCancelled:
-            mm.throw_exception_if_processing_interrupted()
-            raise
-        video = torch.cat(frames)
-        return io.NodeOutput(frames_to_image(video), emocast_audio.audio, float(emocast_audio.fps),
+        for clip in sample_clips(model, vae, portrait, face, emocast_audio, emotion, steps, cfg, seed,
+                                 (pose_weight, face_weight, lip_weight)):
+            frames.append(clip.frames)
+            latents.append(clip.latents)
+        return io.NodeOutput(frames_to_image(torch.cat(frames)), emocast_audio.audio, float(emocast_audio.fps),
                              latents_to_comfy(torch.cat(latents, dim=2)))
+
+
+class SamplerToVideo(io.ComfyNode):
+    """The sampler for long audio: each clip is encoded into the mp4 as soon as it is decoded, so memory
+    stays flat however long the speech is (the Sampler node has to hold every frame for its IMAGE)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        base = Sampler.define_schema()
+        return io.Schema(
+            node_id="EmoCASTSamplerToVideo",
+            display_name="EmoCAST Sampler (stream to video file)",
+            category="EmoCAST",
+            description="Same as EmoCAST Sampler, but writes an mp4 with the speech to ComfyUI's output "
+                        "folder clip by clip instead of returning frames: for long audio, memory does not "
+                        "grow with its length.",
+            inputs=[*base.inputs,
+                    io.String.Input("filename_prefix", default="EmoCAST/talking_portrait",
+                                    tooltip="Output file name prefix, inside ComfyUI's output folder.")],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
+                emotion: EmotionCond, steps: int, cfg: float, seed: int, pose_weight: float, face_weight: float,
+                lip_weight: float, filename_prefix: str) -> io.NodeOutput:
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory())
+        file = f"{name}_{counter:05}_.mp4"
+        sound = emocast_audio.audio
+        writer = Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0].mean(0).cpu().numpy(),
+                           int(sound["sample_rate"]))
+        try:
+            for clip in sample_clips(model, vae, portrait, face, emocast_audio, emotion, steps, cfg, seed,
+                                     (pose_weight, face_weight, lip_weight)):
+                writer.write(clip.frames)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
+
+
+def sample_clips(model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
+                 emotion: EmotionCond, steps: int, cfg: float, seed: int,
+                 weights: tuple[float, float, float]) -> Iterator[ClipResult]:
+    """Checks, then the library's clip generator with ComfyUI's progress bar, previews and Cancel."""
+    net = model.model
+    image = single_image(portrait, "portrait")
+    check_inputs(net, image, face, emocast_audio, emotion)
+    try:
+        inputs = make_portrait(to_uint8(image), face.landmarks, face.identity, net.config.sample_size,
+                               face.expand_ratio)
+    except ValueError as e:
+        raise EmoCASTInputError(f"portrait: {e}") from e
+    audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
+    settings = SamplingConfig(steps=steps, cfg_scale=cfg, frames_per_clip=emocast_audio.clip_length,
+                              fps=emocast_audio.fps, motion_scale=weights, seed=seed)
+    cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
+
+    mm.load_models_gpu([model], force_full_load=True)
+    total = num_clips(audio, settings) * steps
+    pbar = comfy.utils.ProgressBar(total)
+    previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.SD15())
+
+    def on_step(clip: int, step: int, latents: torch.Tensor) -> None:
+        # preview the clip's middle frame; the progress hook raises on Cancel
+        preview = None
+        if previewer is not None:
+            preview = previewer.decode_latent_to_preview_image("JPEG", latents[:, :, latents.shape[2] // 2])
+        pbar.update_absolute(clip * steps + step + 1, total, preview)
+
+    try:
+        yield from iter_clips(net, comfy_vae(vae), inputs, audio, Emotion(cond, emotion.uncond), settings,
+                              on_step=on_step, should_stop=mm.processing_interrupted)
+    except GenerationCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise

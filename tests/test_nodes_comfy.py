@@ -253,3 +253,16 @@ if __name__ == "__main__":  # a fresh process: load everything and sample once
     with torch.inference_mode():
         frames = nodes_sampler.Sampler.execute(**sampler_inputs(Path(sys.argv[1])))[0]
     torch.save(frames.clone(), sys.argv[2])
+
+
+def test_sampler_to_video_streams_an_mp4_with_the_speech(inputs, tmp_path, monkeypatch):
+    import av
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    result = nodes_sampler.SamplerToVideo.execute(**inputs, filename_prefix="emo/stream")
+    saved = result.ui.as_dict()["images"][0]
+    path = tmp_path / saved.subfolder / saved.filename
+    with av.open(str(path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == math.ceil(SECONDS * 25)
+        assert container.streams.audio, "the mp4 carries the speech"
+    assert not list(tmp_path.rglob("*.part"))
