@@ -7,8 +7,6 @@ Also a script: `python tests/test_nodes_comfy.py MODELS_DIR OUT.pt` samples once
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
 import subprocess
@@ -51,18 +49,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
-
-
-def pack_module(name: str):
-    """nodes/<name>.py under a private package name (ComfyUI has its own top-level `nodes`)."""
-    sys.path.insert(0, str(ROOT))  # emocast_lib, as the pack's __init__ does
-    if "emocast_pack_nodes" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("emocast_pack_nodes", ROOT / "nodes" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "nodes")])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["emocast_pack_nodes"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"emocast_pack_nodes.{name}")
+from packimport import pack_module  # noqa: E402
 
 
 ext = pack_module("extension")

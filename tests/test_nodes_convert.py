@@ -1,8 +1,6 @@
 """Node glue that needs no ComfyUI: ComfyUI-format tensors in and out of the library's types."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -12,19 +10,9 @@ import pytest
 import torch
 
 from emocast_lib.emotion import emotion_schedule
+from packimport import pack_module
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def pack_module(name: str):
-    """nodes/<name>.py imported under a private package name: ComfyUI has a top-level `nodes` module."""
-    if "emocast_pack_nodes" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("emocast_pack_nodes", ROOT / "nodes" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "nodes")])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["emocast_pack_nodes"] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"emocast_pack_nodes.{name}")
 
 
 convert = pack_module("convert")
