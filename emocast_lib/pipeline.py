@@ -152,13 +152,6 @@ def decode_frames(vae: Vae, latents: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.decode(chunk).clamp(0, 1) for chunk in latents.split(vae.decode_batch)])
 
 
-def generate(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindows, emotion: Emotion,
-             settings: SamplingConfig = SamplingConfig(), **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole video in memory: frames (n, 3, H, W) in [0, 1] and latents (1, 4, n, h, w)."""
-    clips = list(iter_clips(net, vae, portrait, audio, emotion, settings, **kwargs))
-    return torch.cat([c.frames for c in clips]), torch.cat([c.latents for c in clips], dim=2)
-
-
 def diffusers_vae(model, decode_batch: int = 8) -> Vae:
     """Adapter for a diffusers `AutoencoderKL` (the CLI's VAE and the parity tests')."""
     def encode(x: torch.Tensor) -> torch.Tensor:
