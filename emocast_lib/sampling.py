@@ -32,20 +32,15 @@ def guide(out: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.no_grad()
 def denoise_clip(unet: DenoisingUNet, ctx: ClipContext, latents: torch.Tensor, steps: int, cfg_scale: float,
-                 clip: int = 0, on_step: OnStep | None = None, should_stop: ShouldStop | None = None,
-                 record: Callable[[int, dict], None] | None = None) -> torch.Tensor:
+                 clip: int = 0, on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> torch.Tensor:
     """Run every DDIM step on one clip. latents (1, 4, f, h, w) is the initial noise (DDIM's
-    initial sigma is 1). `record(step, tensors)` exposes per-step tensors to parity tests."""
+    initial sigma is 1); `on_step(clip, step, latents)` follows every step."""
     scheduler = make_scheduler(steps)
     for i, t in enumerate(scheduler.timesteps):
         if should_stop is not None and should_stop():
             raise GenerationCancelled(f"cancelled at clip {clip}, step {i}")
-        raw = unet(torch.cat([latents, latents]), t, ctx)
-        pred = guide(raw, cfg_scale)
-        out = scheduler.step(pred, t, latents, eta=0.0).prev_sample
-        if record is not None:
-            record(i, {"latents_in": latents, "noise_pred_raw": raw, "noise_pred_guided": pred, "latents_out": out})
-        latents = out
+        pred = guide(unet(torch.cat([latents, latents]), t, ctx), cfg_scale)
+        latents = scheduler.step(pred, t, latents, eta=0.0).prev_sample
         if on_step is not None:
             on_step(clip, i, latents)
     return latents

@@ -14,7 +14,7 @@ from emocast_lib.config import NetConfig, SamplingConfig
 from emocast_lib.fill import fill_tensor, tensor_sha256
 from emocast_lib.models import ClipConditioning
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, iter_clips
-from emocast_lib.sampling import make_scheduler
+from emocast_lib.sampling import guide, make_scheduler
 from emocast_lib.tiny import TINY_NET, TINY_VAE, filled_net, filled_vae
 
 REGIONS = ("full", "face", "lip")
@@ -156,6 +156,11 @@ def test_parity_scheduler(parity_dir, cfg):
     sched = make_scheduler(len(p["timesteps"]))
     assert torch.equal(sched.timesteps, p["timesteps"])
     assert_close(sched.alphas_cumprod, p["scheduler.alphas_cumprod"], 1e-7, 1e-8, "alphas_cumprod")
+    for i, t in enumerate(sched.timesteps):  # guidance and the DDIM update alone, from the stored tensors
+        pred = guide(p[f"step{i}.noise_pred_raw"], cfg["run"]["cfg_scale"])
+        assert_close(pred, p[f"step{i}.noise_pred_guided"], 1e-6, 1e-7, f"step {i} guidance")
+        out = sched.step(p[f"step{i}.noise_pred_guided"], t, p[f"step{i}.latents_in"], eta=0.0).prev_sample
+        assert_close(out, p[f"step{i}.latents_out"], 1e-6, 1e-7, f"step {i} scheduler update")
 
 
 def test_parity_pipeline_clip0(parity_dir, cfg, net, vae):
