@@ -28,7 +28,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 INPUTS = ROOT / "workflows" / "inputs"
 EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTAudioEncoderLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEncode",
                  "EmoCASTEmotionEncode", "EmoCASTEmotionSchedule", "EmoCASTFaceAnalysis", "EmoCASTCropPortrait",
-                 "EmoCASTSampler"}
+                 "EmoCASTSampler", "EmoCASTSamplerToVideo"}
 
 
 def harness(*args: str, timeout: float = 600) -> dict:
