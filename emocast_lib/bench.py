@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import NetConfig, SamplingConfig
+from .config import REGIONS, SD_VAE, NetConfig, SamplingConfig
 from .models import EmoCASTNet
-from .pipeline import REGIONS, AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
-from .tiny import SD_VAE, TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
+from .pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
+from .tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 
 GB = 1e9
 

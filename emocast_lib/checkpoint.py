@@ -21,9 +21,13 @@ from safetensors.torch import save_file
 
 from .config import NetConfig
 from .models import EmoCASTNet
-from .tiny import TINY_PACK_NET
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+# A checkpoint may say what it is: string entries beside its tensors (safetensors metadata, or keys next to
+# "state_dict" in a pickle). The released net.pth has none and is the released architecture.
+CONFIG_KEY = "emocast_config"  # NetConfig.to_json() of a network of other sizes (the tiny test models)
+NOTE_KEY = "emocast_note"  # a warning logged on every load (the tiny test models are not EmoCAST)
+STEPS_KEY = "emocast_steps"  # the denoising step count the model is meant to run with, when not 40
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SHOWN = 5  # keys listed per category in a report; the counts tell the rest
 GET_NET = "use EmoCAST's released net.pth, or a .safetensors made from it by `python -m emocast_lib convert`"
@@ -57,7 +61,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if suffix == ".safetensors":
         return _read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
-        return _tensors_only(path, _read_pickle(path)), {}
+        obj = _read_pickle(path)
+        return _tensors_only(path, obj), _pickle_metadata(obj)
     raise CheckpointError(f"{path}: unsupported file type {suffix!r}; use a .safetensors or "
                           f"{'/'.join(PICKLE_SUFFIXES)} checkpoint")
 
@@ -85,6 +90,24 @@ def _read_pickle(path: Path) -> object:
     except Exception as e:  # torch reports damaged files as EOFError, RuntimeError, OSError, KeyError, ...
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, it is truncated or corrupt "
                               f"({_first_sentence(e)}); download it again") from e
+
+
+def _pickle_metadata(obj: object) -> dict[str, str]:
+    """The string entries next to a wrapped state dict ({"state_dict": ..., "emocast_config": "..."})."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping):
+        return {}
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def checkpoint_config(path: str | os.PathLike, metadata: Mapping[str, str]) -> NetConfig:
+    """The architecture a checkpoint declares (CONFIG_KEY), else the released one."""
+    text = metadata.get(CONFIG_KEY)
+    if text is None:
+        return NetConfig()
+    try:
+        return NetConfig.from_json_text(text)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: its {CONFIG_KEY} entry is not a valid EmoCAST config ({e}); {GET_NET}") from e
 
 
 def _first_sentence(e: Exception) -> str:
@@ -178,7 +201,8 @@ def main_convert(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors are already printed by argparse
         return int(e.code or 0)
     try:
-        convert_file(args.src, args.dst, args.dtype, expected=None if args.no_check else net_shapes(NetConfig()))
+        expected = None if args.no_check else net_shapes(checkpoint_config(args.src, read_state_dict(args.src)[1]))
+        convert_file(args.src, args.dst, args.dtype, expected=expected)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -197,19 +221,14 @@ def load_net(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
              config: NetConfig | None = None) -> EmoCASTNet:
     """The network with the weights of `path`, strictly checked, floating tensors in `dtype` on `device`.
 
-    Without `config` the file must be the pack's tiny stand-in (`make-tiny-models`) or the released network,
-    recognised by their exact shapes; anything else is reported against the released network (tried last)."""
-    sd, _ = read_state_dict(path)
-    for candidate in [config] if config else [TINY_PACK_NET, NetConfig()]:
-        with torch.device("meta"):
-            net = EmoCASTNet(candidate)
-        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        if sd.keys() == shapes.keys() and all(tuple(sd[k].shape) == shapes[k] for k in shapes):
-            break
-    check_state_dict(sd, shapes, str(path))
-    if candidate is TINY_PACK_NET:
-        logging.getLogger("emocast").warning(
-            "%s is the tiny TEST model written by make-tiny-models, not EmoCAST: its output is noise", path)
+    The architecture is `config`, else the one the file declares (CONFIG_KEY), else the released one."""
+    sd, metadata = read_state_dict(path)
+    config = config or checkpoint_config(path, metadata)
+    with torch.device("meta"):
+        net = EmoCASTNet(config)
+    check_state_dict(sd, {k: tuple(v.shape) for k, v in net.state_dict().items()}, str(path))
+    if metadata.get(NOTE_KEY):
+        logging.getLogger("emocast").warning("%s: %s", path, metadata[NOTE_KEY])
     net.load_state_dict({k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()},
                         assign=True)
     return net.eval()

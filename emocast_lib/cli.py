@@ -30,7 +30,7 @@ def load_clip_l(path: Path, device: torch.device):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .emotion import HFTextEncoder
-    from .tiny import CLIP_L_TEXT
+    from .config import CLIP_L_TEXT
 
     sd = {k.removeprefix("text_model."): v.float() for k, v in load_file(path).items() if k.startswith("text_model.")}
     model = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))
@@ -49,7 +49,7 @@ def load_vae(path: Path, device: torch.device, dtype: torch.dtype):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file
 
-    from .tiny import SD_VAE
+    from .config import SD_VAE
 
     sd = load_file(path)
     if "encoder.down.0.block.0.conv1.weight" in sd:

@@ -3,9 +3,20 @@ model is just another instance (`NetConfig.from_json` reads the fixtures' config
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+# The three face regions of the audio modules, in the order of their attentions (`attn2_0/1/2`) and of
+# `motion_scale`: full (pose, background mask), face (face minus lips), lip.
+REGIONS = ("full", "face", "lip")
+# Weight precisions a user can choose (nodes, CLI, converter).
+PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# EmoCAST latents are VAE latents times this, hard-coded by the reference whatever the VAE's own factor.
+LATENT_SCALE = 0.18215
+DEFAULT_EMOTION = "The portrait is watching a horror movie with jump scares."
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,19 @@ class NetConfig:
         """Read a fixture config (`tiny_config.json` / `real_model_config.json`)."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def to_json(self) -> str:
+        """This config as JSON (`from_json_text` reads it back); checkpoints can carry it."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json_text(cls, text: str) -> "NetConfig":
+        d = json.loads(text)
+        return cls(unet=UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["unet"].items()}),
+                   face_locator=FaceLocatorConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                     for k, v in d["face_locator"].items()}),
+                   image_proj=ImageProjConfig(**d["image_proj"]), audio_proj=AudioProjConfig(**d["audio_proj"]),
+                   sample_size=d["sample_size"])
+
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "NetConfig":
         base = cfg["denoising_unet_base_config"]
@@ -101,7 +125,6 @@ class NetConfig:
         )
 
 
-
 @dataclass(frozen=True)
 class SamplingConfig:
     """The released inference settings (DDIM, v-prediction, zero-SNR, trailing timesteps)."""
@@ -112,7 +135,7 @@ class SamplingConfig:
     motion_frames: int = 2
     fps: int = 25
     motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # full (pose), face, lip
-    latent_scale: float = 0.18215  # hard-coded by the reference, independent of the VAE
+    latent_scale: float = LATENT_SCALE
     seed: int = 42
 
 
@@ -127,4 +150,18 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "rescale_betas_zero_snr": True,
     "timestep_spacing": "trailing",
     "set_alpha_to_one": True,
+}
+
+
+# The companion models' architectures (diffusers AutoencoderKL / transformers CLIPTextConfig kwargs):
+# sd-vae-ft-mse and the CLIP ViT-L/14 text tower, the only ones ComfyUI's loaders and the reference use.
+SD_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "act_fn": "silu", "sample_size": 512, "scaling_factor": 0.18215,
+}
+CLIP_L_TEXT: dict[str, Any] = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05,
+    "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
 }

@@ -21,7 +21,8 @@ from PIL import Image
 __all__ = [
     "FACE_OVAL_IDS", "LIP_IDS", "FaceMasks", "expand_box", "rect_mask", "soft_mask", "compute_masks",
     "mask_sizes", "resize_u8", "reference_image", "landmarks_to_pixels", "LandmarkDetector",
-    "Identity", "load_face_analysis", "face_identity", "CropInfo", "crop_portrait",
+    "Identity", "load_face_analysis", "face_identity", "PortraitCrop", "crop_portrait", "feather_mask",
+    "paste_back",
 ]
 
 # MediaPipe 478-point face mesh indices used by the reference (face oval, outer lip contour).
@@ -253,21 +254,25 @@ def face_identity(app, image: np.ndarray, allow_no_face: bool = False) -> Identi
     return Identity(np.asarray(faces[best].embedding, np.float32), bbox, len(faces), note)
 
 
-# --- portrait crop --------------------------------------------------------------------------------
+# --- portrait crop and paste-back ------------------------------------------------------------------
 
-@dataclass
-class CropInfo:
+@dataclass(frozen=True)
+class PortraitCrop:
+    """Where a square portrait was cut from a photo: what `paste_back` needs to put the video back."""
+
     x0: int
     y0: int
     side: int
-    face_box: list[int]  # expanded face box [x0, x1, y0, y1] in the source image
+    photo_height: int
+    photo_width: int
+    face_box: tuple[int, int, int, int]  # expanded face box (x0, x1, y0, y1) in the photo
 
 
 def crop_portrait(image: np.ndarray, landmarks: np.ndarray, scale: float = 2.0,
-                  expand_ratio: float = 1.2) -> tuple[np.ndarray, CropInfo]:
+                  expand_ratio: float = 1.2) -> tuple[np.ndarray, PortraitCrop]:
     """Square crop around the face: side = scale x the longer face-oval extent, centred on the face,
     shifted into the frame, never smaller than the expanded face box (so masks are not clipped)
-    unless the image itself is smaller. Returns (crop, CropInfo)."""
+    unless the image itself is smaller. Returns (crop, PortraitCrop)."""
     h, w = image.shape[:2]
     pts = np.asarray(landmarks, np.float64)[list(FACE_OVAL_IDS), :2]
     (min_x, max_x, min_y, max_y), face_box = expand_box(pts, expand_ratio, w, h)
@@ -276,4 +281,39 @@ def crop_portrait(image: np.ndarray, landmarks: np.ndarray, scale: float = 2.0,
     cx, cy = (min_x + max_x) / 2, (min_y + max_y) / 2
     x0 = int(min(max(round(cx - side / 2), 0), w - side))
     y0 = int(min(max(round(cy - side / 2), 0), h - side))
-    return image[y0:y0 + side, x0:x0 + side].copy(), CropInfo(x0, y0, side, face_box)
+    return image[y0:y0 + side, x0:x0 + side].copy(), PortraitCrop(x0, y0, side, h, w, tuple(face_box))
+
+
+def feather_mask(crop: PortraitCrop, feather: int) -> torch.Tensor:
+    """(side, side) float32 blend weight of the pasted crop: 1 inside, a linear ramp over `feather` pixels
+    towards each crop edge that lies inside the photo (edges on the photo border need no blend)."""
+    side = crop.side
+    ramp = torch.clamp((torch.arange(side, dtype=torch.float32) + 1) / (feather + 1), max=1.0)
+    ones = torch.ones(side)
+    near = [ramp if crop.x0 > 0 else ones, ramp if crop.y0 > 0 else ones]
+    far = [ramp.flip(0) if crop.x0 + side < crop.photo_width else ones,
+           ramp.flip(0) if crop.y0 + side < crop.photo_height else ones]
+    wx, wy = torch.minimum(near[0], far[0]), torch.minimum(near[1], far[1])
+    return wy[:, None] * wx[None, :]
+
+
+def paste_back(photo: torch.Tensor, frames: torch.Tensor, crop: PortraitCrop, feather: int = 16) -> torch.Tensor:
+    """Generated frames (n, 3, S, S) in [0, 1] composited into the photo (3, H, W) in [0, 1] where the
+    crop came from -> (n, 3, H, W). Outside the crop every pixel is the photo's; inside, the frame
+    (resized to the crop side) blends in over a `feather`-pixel edge. Works on any batch of frames, so
+    a long video can be pasted clip by clip."""
+    if tuple(photo.shape) != (3, crop.photo_height, crop.photo_width):
+        raise ValueError(f"the photo is {tuple(photo.shape[-2:])[::-1]} (w x h) but the crop was made from a "
+                         f"{crop.photo_width}x{crop.photo_height} photo: paste back onto the photo that was cropped")
+    if feather < 0:
+        raise ValueError(f"feather must be >= 0 pixels, got {feather}")
+    side, (x0, y0) = crop.side, (crop.x0, crop.y0)
+    frames = frames.to(photo.dtype)
+    if frames.shape[-2:] != (side, side):
+        frames = torch.nn.functional.interpolate(frames, size=(side, side), mode="bilinear", align_corners=False,
+                                                 antialias=frames.shape[-1] > side).clamp(0, 1)
+    alpha = feather_mask(crop, min(feather, side // 2)).to(photo.dtype)
+    out = photo[None].repeat(len(frames), 1, 1, 1)
+    region = out[:, :, y0:y0 + side, x0:x0 + side]
+    out[:, :, y0:y0 + side, x0:x0 + side] = region * (1 - alpha) + frames * alpha
+    return out

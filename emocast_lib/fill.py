@@ -12,22 +12,14 @@ from typing import Iterable, Mapping
 
 import torch
 
-__all__ = ["fill_tensor", "fill_state_dict", "sinusoidal_pe", "tensor_sha256"]
+from .models.motion import sinusoidal_pe
+
+__all__ = ["fill_tensor", "fill_state_dict", "tensor_sha256"]
 
 
 def _key_seed(seed: int, key: str) -> int:
     digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
-
-
-def sinusoidal_pe(max_len: int, width: int) -> torch.Tensor:
-    """Motion-module temporal position table (1, max_len, width): sin on even, cos on odd channels."""
-    position = torch.arange(max_len).unsqueeze(1)
-    div_term = torch.exp(torch.arange(0, width, 2) * (-math.log(10000.0) / width))
-    pe = torch.zeros(1, max_len, width)
-    pe[0, :, 0::2] = torch.sin(position * div_term)
-    pe[0, :, 1::2] = torch.cos(position * div_term)
-    return pe
 
 
 def fill_tensor(seed: int, key: str, shape: Iterable[int]) -> torch.Tensor:

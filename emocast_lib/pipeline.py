@@ -12,11 +12,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .config import SamplingConfig
+from .config import REGIONS, SamplingConfig
 from .models import ClipConditioning, EmoCASTNet
 from .sampling import OnStep, ShouldStop, denoise_clip
-
-REGIONS = ("full", "face", "lip")
 
 
 @dataclass

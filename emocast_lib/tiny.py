@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
+from .config import CLIP_L_TEXT, SD_VAE, AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
 from .fill import fill_state_dict
 from .models import EmoCASTNet
 
@@ -44,12 +44,6 @@ TINY_CLIP_TEXT: dict[str, Any] = {
     "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
 }
 
-
-# Architectures ComfyUI's loaders accept (fixed configs there): SD VAE and CLIP-L text.
-SD_VAE: dict[str, Any] = {**TINY_VAE, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                          "norm_num_groups": 32, "sample_size": 512}
-CLIP_L_TEXT: dict[str, Any] = {**TINY_CLIP_TEXT, "hidden_size": 768, "intermediate_size": 3072, "projection_dim": 768,
-                               "num_hidden_layers": 12, "num_attention_heads": 12}
 TINY_WAV2VEC: dict[str, Any] = {
     "hidden_size": 32, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
     "conv_bias": False, "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_hidden_layers": 12,
@@ -99,6 +93,7 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED) -> list[Path]:
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from . import layout
+    from .checkpoint import CONFIG_KEY, NOTE_KEY
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -107,7 +102,8 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED) -> list[Path]:
 
     net = layout.NET.path(root)
     net.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(filled_net(TINY_PACK_NET, seed).state_dict(), net)
+    torch.save({"state_dict": filled_net(TINY_PACK_NET, seed).state_dict(), CONFIG_KEY: TINY_PACK_NET.to_json(),
+                NOTE_KEY: NOT_A_MODEL}, net)
 
     vae = layout.VAE.path(root)
     vae.parent.mkdir(parents=True, exist_ok=True)

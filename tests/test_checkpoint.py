@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from emocast_lib.checkpoint import CheckpointError, check_state_dict, convert_file, load_net, main_convert, \
-    net_shapes, read_state_dict
+from emocast_lib.checkpoint import CONFIG_KEY, NOTE_KEY, CheckpointError, check_state_dict, convert_file, load_net, \
+    main_convert, net_shapes, read_state_dict
 from emocast_lib.config import NetConfig
 from emocast_lib.tiny import TINY_PACK_NET, filled_net
 
@@ -279,15 +279,25 @@ def test_load_net_with_config(parity_dir, tiny_path, tiny_sd):
     assert all(loaded[k].dtype == torch.float16 and torch.equal(loaded[k], tiny_sd[k].half()) for k in loaded)
 
 
-def test_load_net_recognises_the_tiny_pack_model_and_rejects_others(tmp_path, tiny_path):
+def test_load_net_takes_the_architecture_the_file_declares(tmp_path, tiny_path, caplog):
     sd = filled_net(TINY_PACK_NET).state_dict()
-    path = save_pth(sd, tmp_path / "net.pth", legacy=False)
+    path = save_pth({"state_dict": sd, CONFIG_KEY: TINY_PACK_NET.to_json(), NOTE_KEY: "not a real model"},
+                    tmp_path / "net.pth", legacy=False)
     net = load_net(path)
     assert net.config == TINY_PACK_NET
     assert all(torch.equal(v, sd[k]) for k, v in net.state_dict().items())
-    # The fixtures' tiny net is neither the released nor the pack's tiny net: reported against the released one.
-    with pytest.raises(CheckpointError, match=f"{tiny_path}: does not match the EmoCAST network: 1034 missing"):
+    assert "not a real model" in caplog.text
+    # The declaration survives conversion, so a converted file loads the same way.
+    dst = tmp_path / "net.safetensors"
+    assert main_convert([str(path), str(dst), "--dtype", "fp32"]) == 0
+    assert load_net(dst).config == TINY_PACK_NET
+    # Undeclared files are the released architecture: a file of other sizes is reported against it.
+    expected = len(net_shapes(NetConfig()).keys() - load_file(tiny_path).keys())
+    with pytest.raises(CheckpointError, match=f"{tiny_path}: does not match the EmoCAST network: {expected} missing"):
         load_net(tiny_path)
+    bad = save_pth({"state_dict": sd, CONFIG_KEY: "{not json"}, tmp_path / "bad.pth", legacy=False)
+    with pytest.raises(CheckpointError, match=f"{bad}: its {CONFIG_KEY} entry is not a valid EmoCAST config"):
+        load_net(bad)
 
 
 # --- command line ------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_generate_writes_mp4_with_audio(tiny_models: Path, short_speech: Path, t
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TEST model" in proc.stderr  # the tiny model announces itself
+    assert "NOT EmoCAST" in proc.stderr  # the tiny model announces itself
     with av.open(str(out)) as container:
         video, sound = container.streams.video[0], container.streams.audio[0]
         frames = sum(1 for _ in container.decode(video=0))

@@ -5,10 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import REGIONS
 from .attention import Attention, FeedForward, attend
 from .blocks import pointwise, to_grid, to_tokens
-
-REGIONS = ("full", "face", "lip")
 
 
 class AudioBlock(nn.Module):

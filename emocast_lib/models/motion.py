@@ -1,11 +1,22 @@
 """AnimateDiff-style motion module: temporal self-attention over [motion frames, clip frames]."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..fill import sinusoidal_pe
 from .attention import Attention, FeedForward
+
+
+def sinusoidal_pe(max_len: int, width: int) -> torch.Tensor:
+    """Motion-module temporal position table (1, max_len, width): sin on even, cos on odd channels."""
+    position = torch.arange(max_len).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, width, 2) * (-math.log(10000.0) / width))
+    pe = torch.zeros(1, max_len, width)
+    pe[0, :, 0::2] = torch.sin(position * div_term)
+    pe[0, :, 1::2] = torch.cos(position * div_term)
+    return pe
 
 
 class _PositionalEncoding(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import UNetConfig
+from ..config import REGIONS, UNetConfig
 from .audio_module import AudioModule
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Stage, TimestepEmbedding, Upsample, timestep_embedding
 from .motion import MotionModule
@@ -193,7 +193,7 @@ class DenoisingUNet(_UNet):
                     "motion": bank[:, 1:].transpose(-1, -2).reshape(b, -1, bank.shape[-1], hl, wl),
                     "audio_kv": st.audio_modules[j].prepare(audio, emotion),
                 }
-        masks = [[cond.masks[r][lvl].to(dtype) for r in ("full", "face", "lip")] for lvl in range(len(self.down_blocks))]
+        masks = [[cond.masks[r][lvl].to(dtype) for r in REGIONS] for lvl in range(len(self.down_blocks))]
         face = cond.face_features.transpose(1, 2).reshape(b * f, c0, h, w).to(dtype)
         return ClipContext(face, layers, masks, tuple(float(s) for s in cond.motion_scale))
 
