@@ -14,7 +14,7 @@ from emocast_lib import audio as audio_lib, layout
 
 from . import paths
 from .convert import audio_mono, fit_audio
-from .sockets import Audio, AudioEncoder
+from .sockets import EmoCASTAudio, EmoCASTAudioEncoder
 from .types import AudioCond, EmoCASTInputError
 
 
@@ -32,7 +32,7 @@ class AudioEncode(io.ComfyNode):
                 io.Audio.Input("audio", tooltip="Speech, any sample rate and channel count (channels are "
                                                  "averaged). Use Load Audio, or EmoCAST Vocal Separator first "
                                                  "for speech over music."),
-                AudioEncoder.Input("audio_encoder", tooltip="From EmoCAST Audio Encoder Loader."),
+                EmoCASTAudioEncoder.Input("audio_encoder", tooltip="From EmoCAST Audio Encoder Loader."),
                 io.Int.Input("fps", default=25, min=1, max=60,
                              tooltip="Video frame rate. EmoCAST was trained at 25 fps."),
                 io.Int.Input("clip_length", default=16, min=4, max=32,
@@ -40,7 +40,7 @@ class AudioEncode(io.ComfyNode):
                                      "padded to whole clips and the video trimmed back to the speech."),
             ],
             outputs=[
-                Audio.Output("emocast_audio", display_name="emocast_audio",
+                EmoCASTAudio.Output("emocast_audio", display_name="emocast_audio",
                              tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
                 io.Audio.Output("fitted_audio", display_name="audio",
                                 tooltip="The input sound trimmed/padded to exactly the video's length "

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from emocast_lib import layout
 
 from . import paths
-from .sockets import AudioEncoder, Model
+from .sockets import EmoCASTAudioEncoder, EmoCASTModel
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -54,7 +54,7 @@ class ModelLoader(io.ComfyNode):
                                tooltip="Weight precision. auto: fp16 (or bf16) where the GPU supports it, "
                                        "fp32 on the CPU."),
             ],
-            outputs=[Model.Output("model", display_name="model",
+            outputs=[EmoCASTModel.Output("model", display_name="model",
                                   tooltip="The EmoCAST network, managed by ComfyUI (moved to the "
                                           "GPU for sampling, offloaded when memory is needed).")],
         )
@@ -89,7 +89,7 @@ class AudioEncoderLoader(io.ComfyNode):
                                tooltip=f"wav2vec2 folder in models/{paths.FOLDER}/{paths.WAV2VEC_DIR}/ holding "
                                        f"config.json and model.safetensors. Download: {layout.WAV2VEC.source}"),
             ],
-            outputs=[AudioEncoder.Output("audio_encoder", display_name="audio_encoder",
+            outputs=[EmoCASTAudioEncoder.Output("audio_encoder", display_name="audio_encoder",
                                          tooltip="wav2vec2 encoder for EmoCAST Audio Encode.")],
         )
 

@@ -9,6 +9,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 import latent_preview
+import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
@@ -17,24 +18,22 @@ from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, 
 from emocast_lib.sampling import GenerationCancelled
 from emocast_lib.video import Mp4Writer
 
-from .convert import comfy_vae, frames_to_image, latents_to_comfy, single_image, to_uint8
-from .sockets import Audio, Emotion as EmotionSocket, Face, Model
+from .convert import comfy_vae, frames_to_image, latents_to_comfy, to_uint8
+from .sockets import EmoCASTAudio, EmoCASTEmotion, EmoCASTFace, EmoCASTModel
 from .types import AudioCond, EmoCASTInputError, EmotionCond, FaceInfo
 
 
-def check_inputs(net, portrait: torch.Tensor, face: FaceInfo, audio: AudioCond, emotion: EmotionCond) -> None:
+def check_inputs(net, face: FaceInfo, audio: AudioCond, emotion: EmotionCond) -> None:
     """Mismatches between the pieces, named by input, before any heavy work."""
     cfg = net.config
-    if portrait.shape != face.image.shape or not torch.equal(portrait, face.image.to(portrait.device)):
-        raise EmoCASTInputError("portrait: is not the image EmoCAST Face Analysis analysed; connect the same "
-                                "image to both nodes")
-    h, w = portrait.shape[:2]
+    h, w = face.image.shape[:2]
     if h != w:
-        raise EmoCASTInputError(f"portrait: is {w}x{h}; EmoCAST takes a square, face-centred portrait. Put an "
-                                f"EmoCAST Crop Portrait node (size {cfg.sample_size}) before Face Analysis")
+        raise EmoCASTInputError(f"face: the portrait EmoCAST Face Analysis analysed is {w}x{h}; EmoCAST takes a "
+                                f"square, face-centred portrait. Put an EmoCAST Crop Portrait node (size "
+                                f"{cfg.sample_size}) before Face Analysis")
     if h < cfg.sample_size // 2:
-        raise EmoCASTInputError(f"portrait: is only {w}x{h} pixels, less than half the {cfg.sample_size}px the "
-                                f"model works at; use a larger photo through EmoCAST Crop Portrait (size "
+        raise EmoCASTInputError(f"face: the portrait is only {w}x{h} pixels, less than half the {cfg.sample_size}px "
+                                f"the model works at; use a larger photo through EmoCAST Crop Portrait (size "
                                 f"{cfg.sample_size})")
     layers, channels = audio.windows.shape[-2:]
     if (layers, channels) != (cfg.audio_proj.layers, cfg.audio_proj.channels):
@@ -44,7 +43,7 @@ def check_inputs(net, portrait: torch.Tensor, face: FaceInfo, audio: AudioCond, 
     if emotion.width != cfg.unet.cross_attention_dim:
         raise EmoCASTInputError(f"emotion: is {emotion.width} wide; this model takes {cfg.unet.cross_attention_dim} "
                                 "(CLIP-L). Encode the emotion with clip_l in Load CLIP, type stable_diffusion")
-    if face.identity.shape[-1] != cfg.image_proj.embedding_dim:
+    if face.identity is not None and face.identity.shape[-1] != cfg.image_proj.embedding_dim:
         raise EmoCASTInputError(f"face: identity embedding has {face.identity.shape[-1]} values; this model "
                                 f"takes {cfg.image_proj.embedding_dim}")
 
@@ -60,13 +59,14 @@ class Sampler(io.ComfyNode):
                         "guidance), each clip continuing from the last frames of the previous one. Progress "
                         "counts clips x steps; Cancel stops within one step.",
             inputs=[
-                Model.Input("model", tooltip="From EmoCAST Model Loader."),
+                EmoCASTModel.Input("model", tooltip="From EmoCAST Model Loader."),
                 io.Vae.Input("vae", tooltip="SD1.5 VAE (sd-vae-ft-mse) from core Load VAE."),
-                io.Image.Input("portrait", tooltip="The square portrait, the same image connected to EmoCAST "
-                                                   "Face Analysis. Resized to the model size."),
-                Face.Input("face", tooltip="From EmoCAST Face Analysis."),
-                Audio.Input("emocast_audio", tooltip="From EmoCAST Audio Encode: sets the frame count and fps."),
-                EmotionSocket.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion Schedule."),
+                EmoCASTFace.Input("face", tooltip="From EmoCAST Face Analysis: the portrait to animate (resized "
+                                                  "to the model size) and what was found in it."),
+                EmoCASTAudio.Input("emocast_audio", tooltip="From EmoCAST Audio Encode: sets the frame count and "
+                                                            "fps."),
+                EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
+                                                        "Schedule."),
                 io.Int.Input("steps", default=40, min=1, max=200,
                              tooltip="Denoising steps per clip (40 in the original)."),
                 io.Float.Input("cfg", default=3.5, min=0.0, max=20.0, step=0.1, round=0.01,
@@ -91,11 +91,10 @@ class Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
-                emotion: EmotionCond, steps: int, cfg: float, seed: int, pose_weight: float, face_weight: float,
-                lip_weight: float) -> io.NodeOutput:
+    def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
+                cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float) -> io.NodeOutput:
         frames, latents = [], []
-        for clip in sample_clips(model, vae, portrait, face, emocast_audio, emotion, steps, cfg, seed,
+        for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
                                  (pose_weight, face_weight, lip_weight)):
             frames.append(clip.frames)
             latents.append(clip.latents)
@@ -125,9 +124,9 @@ class SamplerToVideo(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
-                emotion: EmotionCond, steps: int, cfg: float, seed: int, pose_weight: float, face_weight: float,
-                lip_weight: float, filename_prefix: str) -> io.NodeOutput:
+    def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
+                cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
+                filename_prefix: str) -> io.NodeOutput:
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
         file = f"{name}_{counter:05}_.mp4"
@@ -135,7 +134,7 @@ class SamplerToVideo(io.ComfyNode):
         writer = Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0].mean(0).cpu().numpy(),
                            int(sound["sample_rate"]))
         try:
-            for clip in sample_clips(model, vae, portrait, face, emocast_audio, emotion, steps, cfg, seed,
+            for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
                                      (pose_weight, face_weight, lip_weight)):
                 writer.write(clip.frames)
         except BaseException:
@@ -145,18 +144,19 @@ class SamplerToVideo(io.ComfyNode):
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
 
 
-def sample_clips(model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
-                 emotion: EmotionCond, steps: int, cfg: float, seed: int,
-                 weights: tuple[float, float, float]) -> Iterator[ClipResult]:
+def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
+                 cfg: float, seed: int, weights: tuple[float, float, float]) -> Iterator[ClipResult]:
     """Checks, then the library's clip generator with ComfyUI's progress bar, previews and Cancel."""
     net = model.model
-    image = single_image(portrait, "portrait")
-    check_inputs(net, image, face, emocast_audio, emotion)
+    check_inputs(net, face, emocast_audio, emotion)
+    # no identity: the zero embedding the reference falls back to, as wide as this model's
+    identity = face.identity if face.identity is not None else np.zeros(net.config.image_proj.embedding_dim,
+                                                                        np.float32)
     try:
-        inputs = make_portrait(to_uint8(image), face.landmarks, face.identity, net.config.sample_size,
+        inputs = make_portrait(to_uint8(face.image), face.landmarks, identity, net.config.sample_size,
                                face.expand_ratio)
     except ValueError as e:
-        raise EmoCASTInputError(f"portrait: {e}") from e
+        raise EmoCASTInputError(f"face: {e}") from e
     audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
     settings = SamplingConfig(steps=steps, cfg_scale=cfg, frames_per_clip=emocast_audio.clip_length,
                               fps=emocast_audio.fps, motion_scale=weights, seed=seed)

@@ -1,9 +1,9 @@
 """The nodes called in-process with ComfyUI's own objects (comfy.sd CLIP and VAE, ModelPatcher,
 model_management interrupt, ProgressBar hook) on tiny stand-in models (`make-tiny-models`, NOT a
 real model). Needs ComfyUI importable: run with the ComfyUI venv's python and COMFY_DIR set
-(tests/test_comfy_nodes.py does that from the normal suite); skipped otherwise.
+(tests/test_comfy_venv.py does that from the normal suite); skipped otherwise.
 
-Also a script: `python tests/test_nodes_comfy.py MODELS_DIR OUT.pt` samples once in a fresh process.
+Also a script: `python tests/comfy_venv_nodes.py MODELS_DIR OUT.pt` samples once in a fresh process.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-INPUTS = ROOT / "workflows" / "inputs"
+INPUTS = ROOT / "example_workflows" / "inputs"
 COMFY_DIR = os.environ.get("COMFY_DIR")
 
 
@@ -51,8 +52,14 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 from packimport import pack_module  # noqa: E402
 
+# importing the pack copies the example inputs into ComfyUI's input folder: a throwaway one here
+INPUT_DIR = tempfile.mkdtemp(prefix="emocast_input_")
+folder_paths.set_input_directory(INPUT_DIR)
+ext = pack_module("extension")  # also puts emocast_lib on sys.path, as the pack's __init__ does
 
-ext = pack_module("extension")
+from emocast_lib import layout  # noqa: E402
+from emocast_lib.config import DEFAULT_EMOTION  # noqa: E402
+from emocast_lib.face import PortraitCrop, crop_portrait, feather_mask  # noqa: E402
 nodes_audio, nodes_emotion, nodes_face = pack_module("audio"), pack_module("emotion"), pack_module("face")
 nodes_loaders, nodes_sampler, types = pack_module("loaders"), pack_module("sampler"), pack_module("types")
 STEPS = 3
@@ -73,7 +80,7 @@ def load_image(path: Path) -> torch.Tensor:
 def load_speech(seconds: float) -> dict:
     import soundfile
 
-    wave, rate = soundfile.read(INPUTS / "speech.wav", dtype="float32", always_2d=True)
+    wave, rate = soundfile.read(INPUTS / "emocast_speech.wav", dtype="float32", always_2d=True)
     return {"waveform": torch.from_numpy(wave.T[:, :round(seconds * rate)].copy())[None], "sample_rate": rate}
 
 
@@ -83,13 +90,13 @@ def load_clip(models: Path, clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION):
 
 def sampler_inputs(models: Path) -> dict:
     """What the shipped talking-portrait workflow feeds the sampler, with a short speech."""
-    portrait = load_image(INPUTS / "portrait.png")
+    portrait = load_image(INPUTS / "emocast_portrait.png")
     face = nodes_face.FaceAnalysis.execute(portrait, "face_analysis/models", 1.2, True)[0]
     encoder = nodes_loaders.AudioEncoderLoader.execute("wav2vec/wav2vec2-base-960h")[0]
     audio = nodes_audio.AudioEncode.execute(load_speech(SECONDS), encoder, 25, 16)[0]
-    emotion = nodes_emotion.EmotionEncode.execute(load_clip(models), nodes_emotion.DEFAULT_EMOTION)[0]
+    emotion = nodes_emotion.EmotionEncode.execute(load_clip(models), DEFAULT_EMOTION)[0]
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors")))
-    return dict(model=nodes_loaders.ModelLoader.execute("net.pth", "auto")[0], vae=vae, portrait=portrait, face=face,
+    return dict(model=nodes_loaders.ModelLoader.execute("net.pth", "auto")[0], vae=vae, face=face,
                 emocast_audio=audio, emotion=emotion, steps=STEPS, cfg=3.5, seed=7, pose_weight=1.0,
                 face_weight=1.0, lip_weight=1.0)
 
@@ -151,19 +158,49 @@ def test_cancel_stops_within_one_step_and_rerun_matches_a_fresh_process(inputs, 
 
 
 def test_portrait_the_sampler_cannot_take_points_to_crop_portrait(inputs):
-    wide = load_image(INPUTS / "portrait.png")[:, :, :280]
+    wide = load_image(INPUTS / "emocast_portrait.png")[:, :, :280]
     face = nodes_face.FaceAnalysis.execute(wide, "face_analysis/models", 1.2, False)[0]
-    with pytest.raises(types.EmoCASTInputError, match=r"portrait: is 280x320.*Crop Portrait"):
-        nodes_sampler.Sampler.execute(**{**inputs, "portrait": wide, "face": face})
-    with pytest.raises(types.EmoCASTInputError, match="not the image EmoCAST Face Analysis analysed"):
-        nodes_sampler.Sampler.execute(**{**inputs, "portrait": wide})
+    with pytest.raises(types.EmoCASTInputError, match=r"face: the portrait .* is 280x320.*Crop Portrait"):
+        nodes_sampler.Sampler.execute(**{**inputs, "face": face})
 
 
-def test_crop_portrait_makes_a_square_model_size_image():
-    out = nodes_face.CropPortrait.execute(load_image(INPUTS / "portrait.png"), "face_analysis/models", 128, 2.0)
-    image, info = out.args
-    assert image.shape == (1, 128, 128, 3) and 0 <= image.min() and image.max() <= 1
-    assert info.size == 128 and info.side <= 320
+def test_no_identity_is_the_zero_embedding_of_the_model_width(inputs):
+    """identity off: the same video as an identity that is all zeros, whatever the model's width."""
+    face = inputs["face"]
+    off = nodes_face.FaceAnalysis.execute(face.image[None], "face_analysis/models", 1.2, False)[0]
+    assert off.identity is None
+    zeros = types.FaceInfo(face.image, face.landmarks, np.zeros_like(face.identity), face.expand_ratio)
+    args = {**inputs, "steps": 1}
+    assert torch.equal(nodes_sampler.Sampler.execute(**{**args, "face": off})[0],
+                       nodes_sampler.Sampler.execute(**{**args, "face": zeros})[0])
+
+
+def test_crop_portrait_then_paste_back_gives_the_photo_back_with_the_frames_inside():
+    photo = load_image(INPUTS / "emocast_photo.jpg")
+    portrait, crop = nodes_face.CropPortrait.execute(photo, "face_analysis/models", 128, 2.0).args
+    assert portrait.shape == (1, 128, 128, 3) and isinstance(crop, PortraitCrop)
+    assert (crop.photo_height, crop.photo_width) == photo.shape[1:3]
+    # the crop is the library's own crop of the same photo, with the landmarks Crop Portrait found
+    pixels = (photo[0] * 255).round().to(torch.uint8).numpy()
+    landmarks = nodes_face.detect_landmarks(nodes_face.face_folder("face_analysis/models"), pixels)
+    assert crop_portrait(pixels, landmarks, 2.0)[1] == crop
+
+    feather = 8
+    frames = torch.rand(3, crop.side, crop.side, 3)  # frames at the crop size: no resampling inside
+    out = nodes_face.PasteBack.execute(frames, crop, photo, feather)[0]
+    assert out.shape == (3, *photo.shape[1:])
+    alpha = feather_mask(crop, feather)
+    touched = torch.zeros(photo.shape[1:3], dtype=torch.bool)
+    touched[crop.y0:crop.y0 + crop.side, crop.x0:crop.x0 + crop.side] = alpha > 0
+    assert torch.equal(out[:, ~touched], photo[0][~touched].expand(3, -1, -1)), "outside the crop: the photo"
+    inside = torch.zeros_like(touched)
+    inside[crop.y0:crop.y0 + crop.side, crop.x0:crop.x0 + crop.side] = alpha == 1
+    assert inside.any() and torch.equal(out[:, inside], frames[:, alpha == 1]), "inside the feather: the frames"
+    centre = crop.side // 2
+    assert torch.equal(out[:, crop.y0 + centre, crop.x0 + centre], frames[:, centre, centre])
+
+    with pytest.raises(types.EmoCASTInputError, match="photo: is 280x360 but crop_info comes from a 512x360 photo"):
+        nodes_face.PasteBack.execute(frames, crop, photo[:, :, :280], feather)
 
 
 def test_no_face_is_an_error_naming_the_image(models):
@@ -186,7 +223,8 @@ def test_missing_files_say_where_they_go_and_where_to_get_them(models):
     message = nodes_loaders.AudioEncoderLoader.validate_inputs("wav2vec/nope")
     assert "models/emocast/wav2vec/wav2vec2-base-960h" in message and "huggingface.co/facebook" in message
     message = nodes_face.FaceAnalysis.validate_inputs("nope")
-    assert "models/emocast/face_analysis/models" in message and "download" in message
+    for file in (*layout.IDENTITY, layout.LANDMARKER):
+        assert f"models/emocast/{file.name}" in message and file.source in message
     message = nodes_loaders.ModelLoader.validate_inputs("missing.pth")
     assert "net.pth" in message and "huggingface.co" in message
     assert nodes_loaders.ModelLoader.validate_inputs("net.pth") is True
@@ -253,3 +291,17 @@ def test_sampler_to_video_streams_an_mp4_with_the_speech(inputs, tmp_path, monke
         assert sum(1 for _ in container.decode(video=0)) == math.ceil(SECONDS * 25)
         assert container.streams.audio, "the mp4 carries the speech"
     assert not list(tmp_path.rglob("*.part"))
+
+
+def test_example_inputs_are_put_into_the_input_folder_without_overwriting(tmp_path, monkeypatch):
+    shipped = sorted(f.name for f in INPUTS.iterdir())
+    assert sorted(os.listdir(INPUT_DIR)) == shipped, "importing the pack copies the templates' inputs"
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    mine = tmp_path / "emocast_speech.wav"
+    mine.write_bytes(b"the user's own file")
+    examples = pack_module("examples")
+    written = examples.install_inputs()
+    assert mine.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in written) == [name for name in shipped if name != mine.name]
+    assert all(p.read_bytes() == (INPUTS / p.name).read_bytes() for p in written)
+    assert examples.install_inputs() == [] and not list(tmp_path.glob(".*"))
