@@ -85,7 +85,7 @@ def generate_file(args: argparse.Namespace) -> Path:
     from .pipeline import AudioWindows, Emotion, iter_clips, make_portrait, diffusers_vae
     from .video import Mp4Writer
 
-    needed = [f for f in layout.REQUIRED if not (args.no_identity and f is layout.FACE_ANALYSIS)]
+    needed = [f for f in layout.REQUIRED if not (args.no_identity and f in layout.IDENTITY)]
     missing = layout.missing_files(args.models, needed)
     inputs = [p for p in (args.image, args.audio) if not p.is_file()]
     if missing or inputs:
@@ -112,7 +112,7 @@ def generate_file(args: argparse.Namespace) -> Path:
     if args.no_identity:
         identity = np.zeros(net.config.image_proj.embedding_dim, np.float32)
     else:
-        found = face_lib.face_identity(face_lib.load_face_analysis(layout.FACE_ANALYSIS.path(args.models)), rgb)
+        found = face_lib.face_identity(face_lib.load_face_analysis(layout.face_dir(args.models)), rgb)
         print(found.note)
         identity = found.embedding
     portrait = make_portrait(rgb, landmarks, identity, size, args.expand_ratio)

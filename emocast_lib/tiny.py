@@ -118,7 +118,8 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED) -> list[Path]:
     fill_module(Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC)), seed).save_pretrained(w2v)
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(w2v)
 
-    faces = write_tiny_face_models(layout.FACE_ANALYSIS.path(root), layout.LANDMARKER.path(root))
+    faces = write_tiny_face_models(layout.FACE_DETECTOR.path(root), layout.FACE_RECOGNIZER.path(root),
+                                   layout.LANDMARKER.path(root))
     return [net, vae, clip, w2v, *faces]
 
 
@@ -203,9 +204,10 @@ def write_stand_in_landmarker(task: Path, wheel_dir: Path | None = None) -> None
                 bundle.writestr(name, wheel.read(member))
 
 
-def write_tiny_face_models(face_dir: Path, task: Path) -> list[Path]:
-    face_dir.mkdir(parents=True, exist_ok=True)
-    detector, recognizer = face_dir / "tiny_scrfd.onnx", face_dir / "tiny_arcface.onnx"
+def write_tiny_face_models(detector: Path, recognizer: Path, task: Path) -> list[Path]:
+    """Stand-ins under the real files' names, so the face folder looks like the real one."""
+    detector.parent.mkdir(parents=True, exist_ok=True)
+    recognizer.parent.mkdir(parents=True, exist_ok=True)
     write_centre_face_detector(detector)
     write_tiny_recognizer(recognizer)
     write_stand_in_landmarker(task, Path(os.environ["EMOCAST_MEDIAPIPE_WHEEL_DIR"])

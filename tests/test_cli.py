@@ -31,7 +31,7 @@ def tiny_models(download_cache, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def short_speech(tmp_path_factory) -> Path:
     """The shipped example speech cut to 0.7 s (18 frames at 25 fps: two clips of 16, the second padded)."""
-    wave, rate = soundfile.read(EXAMPLES / "speech.wav", dtype="float32")
+    wave, rate = soundfile.read(EXAMPLES / "emocast_speech.wav", dtype="float32")
     path = tmp_path_factory.mktemp("audio") / "short.wav"
     soundfile.write(path, wave[: int(0.7 * rate)], rate)
     return path

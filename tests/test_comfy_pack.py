@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT.parent / "shared" / "comfy_harness" / "run_workflow.py"
@@ -24,11 +25,11 @@ pytestmark = pytest.mark.skipif(
     not (COMFY_DIR and COMFY_VENV and Path(COMFY_DIR, "main.py").is_file() and HARNESS.is_file()),
     reason="needs a real ComfyUI: set COMFY_DIR and COMFY_VENV to a tree prepared by comfy_harness/setup.sh")
 
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-INPUTS = ROOT / "workflows" / "inputs"
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+INPUTS = ROOT / "example_workflows" / "inputs"
 EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTAudioEncoderLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEncode",
                  "EmoCASTEmotionEncode", "EmoCASTEmotionSchedule", "EmoCASTFaceAnalysis", "EmoCASTCropPortrait",
-                 "EmoCASTSampler", "EmoCASTSamplerToVideo"}
+                 "EmoCASTPasteBack", "EmoCASTSampler", "EmoCASTSamplerToVideo"}
 
 
 def harness(*args: str, timeout: float = 600) -> dict:
@@ -70,26 +71,24 @@ def test_pack_imports_and_every_node_has_tooltips():
                       "EMOCAST_CROP_INFO"}
 
 
-def _mp4_streams(path: Path) -> tuple[int, float, list[str]]:
+def _mp4_streams(path: Path) -> dict:
     import av
 
     with av.open(str(path)) as container:
-        kinds = [s.type for s in container.streams]
-        rate = float(container.streams.video[0].average_rate)
-        frames = sum(1 for _ in container.decode(video=0))
-    return frames, rate, kinds
+        video = container.streams.video[0]
+        return {"codecs": {s.type: s.codec_context.name for s in container.streams},
+                "rate": float(video.average_rate), "size": (video.width, video.height),
+                "frames": sum(1 for _ in container.decode(video=0))}
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_shipped_workflow_makes_mp4_with_sound(workflow: Path, tiny_models: Path):
     ui = json.loads(workflow.read_text())
     assert "nodes" in ui and "links" in ui, "templates must be UI-format workflows"
-    summary = harness("--workflow", str(workflow), "--input", str(INPUTS / "portrait.png"),
-                      "--input", str(INPUTS / "speech.wav"),
-                      "--extra-model-path", f"emocast={tiny_models / 'emocast'}",
-                      "--extra-model-path", f"vae={tiny_models / 'vae'}",
-                      "--extra-model-path", f"text_encoders={tiny_models / 'text_encoders'}",
-                      "--timeout", "1500", "--keep", timeout=1800)
+    inputs = [arg for f in sorted(INPUTS.iterdir()) for arg in ("--input", str(f))]
+    folders = [arg for d in sorted(tiny_models.iterdir()) if d.is_dir()
+               for arg in ("--extra-model-path", f"{d.name}={d}")]  # models/<folder> of the tiny tree
+    summary = harness("--workflow", str(workflow), *inputs, *folders, "--timeout", "1500", "--keep", timeout=1800)
     try:
         _check_run(summary, ui)
     finally:
@@ -104,7 +103,11 @@ def _check_run(summary: dict, ui: dict) -> None:
     assert len(videos) == 1
     encode = next(n for n in ui["nodes"] if n["type"] == "EmoCASTAudioEncode")
     fps = encode["widgets_values"][0]
-    frames, rate, kinds = _mp4_streams(videos[0])
-    assert rate == fps
-    assert frames == math.ceil(soundfile.info(str(INPUTS / "speech.wav")).duration * fps)
-    assert "audio" in kinds
+    speech = next(n for n in ui["nodes"] if n["type"] == "LoadAudio")["widgets_values"][0]
+    video = _mp4_streams(videos[0])
+    assert video["rate"] == fps
+    assert video["frames"] == math.ceil(soundfile.info(str(INPUTS / speech)).duration * fps)
+    assert video["codecs"] == {"video": "h264", "audio": "aac"}
+    if any(n["type"] == "EmoCASTPasteBack" for n in ui["nodes"]):  # the photo's own size comes out
+        photo = next(n for n in ui["nodes"] if n["type"] == "LoadImage")["widgets_values"][0]
+        assert video["size"] == Image.open(INPUTS / photo).size

@@ -54,7 +54,7 @@ def test_registry_metadata():
 def test_icon_and_thumbnails_exist():
     icon = _pyproject()["tool"]["comfy"]["Icon"]
     assert (ROOT / icon.split("/main/", 1)[1]).is_file(), "the Icon URL must point at a file of the repo"
-    for workflow in (ROOT / "workflows").glob("*.json"):
+    for workflow in (ROOT / "example_workflows").glob("*.json"):
         assert workflow.with_suffix(".jpg").is_file(), f"{workflow.name} has no thumbnail"
 
 
