@@ -8,6 +8,7 @@ layer outputs -> 5-frame windows. Optional vocal separation follows §1.5.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +189,10 @@ def separate_vocals(audio_path: str | Path, model_dir: str | Path, output_dir: s
             f"vocal separation needs {', '.join(missing)} in {model_dir}. On a machine with internet run "
             f"`audio-separator --download_model_only -m {SEPARATOR_MODEL} --model_file_dir <folder>` and copy "
             f"all four files ({', '.join(SEPARATOR_FILES)}) there, or disable vocal separation")
+    if shutil.which("ffmpeg") is None:
+        raise FileNotFoundError("vocal separation needs the ffmpeg program on PATH (audio-separator refuses to start "
+                                "without it): install ffmpeg (https://ffmpeg.org/download.html), or disable vocal "
+                                "separation")
     try:
         from audio_separator.separator import Separator
     except ImportError as e:

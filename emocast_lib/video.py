@@ -10,14 +10,17 @@ import torch
 
 class Mp4Writer:
     def __init__(self, path: str | Path, fps: int, audio: np.ndarray | None = None, sample_rate: int = 16000,
-                 crf: int = 18):
+                 crf: int = 18, metadata: dict[str, str] | None = None):
+        """`metadata`: container tags (ComfyUI's prompt/workflow JSON), written as mp4 metadata tags."""
         import av
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._av = av
         self._tmp = self.path.with_name(self.path.name + ".part")
-        self.container = av.open(str(self._tmp), mode="w", format="mp4")
+        # use_metadata_tags keeps free-form keys such as "workflow" in the mp4, as ComfyUI's SaveVideo does
+        self.container = av.open(str(self._tmp), mode="w", format="mp4", options={"movflags": "use_metadata_tags"})
+        self.container.metadata.update(metadata or {})
         self.fps = fps
         self.video = None
         self.crf = crf

@@ -1,6 +1,7 @@
 """EmoCAST Sampler: the temporal sampler, clip by clip, with ComfyUI progress, previews and interrupt."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -11,6 +12,7 @@ import folder_paths
 import latent_preview
 import numpy as np
 import torch
+from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from emocast_lib.config import SamplingConfig
@@ -132,7 +134,7 @@ class SamplerToVideo(io.ComfyNode):
         file = f"{name}_{counter:05}_.mp4"
         sound = emocast_audio.audio
         writer = Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0].mean(0).cpu().numpy(),
-                           int(sound["sample_rate"]))
+                           int(sound["sample_rate"]), metadata=workflow_metadata(cls.hidden))
         try:
             for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
                                      (pose_weight, face_weight, lip_weight)):
@@ -142,6 +144,17 @@ class SamplerToVideo(io.ComfyNode):
             raise
         writer.close()
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
+
+
+def workflow_metadata(hidden) -> dict[str, str]:
+    """What core SaveVideo embeds (comfy_extras/nodes_video.py): every extra_pnginfo entry (the UI workflow)
+    and the prompt, JSON-encoded, so the mp4 can be dropped back onto ComfyUI; none with --disable-metadata."""
+    if args.disable_metadata:
+        return {}
+    tags = {key: json.dumps(value) for key, value in (hidden.extra_pnginfo or {}).items()}
+    if hidden.prompt is not None:
+        tags["prompt"] = json.dumps(hidden.prompt)
+    return tags
 
 
 def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,

@@ -7,6 +7,7 @@ Also a script: `python tests/comfy_venv_nodes.py MODELS_DIR OUT.pt` samples once
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -280,17 +281,38 @@ if __name__ == "__main__":  # a fresh process: load everything and sample once
     torch.save(frames.clone(), sys.argv[2])
 
 
-def test_sampler_to_video_streams_an_mp4_with_the_speech(inputs, tmp_path, monkeypatch):
+def _saved(result, folder: Path) -> Path:
+    saved = result.ui.as_dict()["images"][0]
+    return folder / saved.subfolder / saved.filename
+
+
+def test_sampler_to_video_streams_an_mp4_with_the_speech_and_the_workflow(inputs, tmp_path, monkeypatch):
+    """The executor hands an output node the prompt and the UI workflow (extra_pnginfo); the mp4 carries
+    them as core Save Video's does, so dropping it onto ComfyUI loads the workflow."""
+    from fractions import Fraction
+
     import av
+    from comfy_api.latest import InputImpl, Types, io
+    from comfy_extras.nodes_video import SaveVideo
 
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
-    result = nodes_sampler.SamplerToVideo.execute(**inputs, filename_prefix="emo/stream")
-    saved = result.ui.as_dict()["images"][0]
-    path = tmp_path / saved.subfolder / saved.filename
-    with av.open(str(path)) as container:
+    hidden = {io.Hidden.prompt: {"3": {"class_type": "EmoCASTSamplerToVideo", "inputs": {"steps": STEPS}}},
+              io.Hidden.extra_pnginfo: {"workflow": {"nodes": [{"id": 3, "type": "EmoCASTSamplerToVideo"}]}}}
+    ours = _saved(nodes_sampler.SamplerToVideo.PREPARE_CLASS_CLONE(hidden).execute(
+        **inputs, filename_prefix="emo/stream"), tmp_path)
+    with av.open(str(ours)) as container:
         assert sum(1 for _ in container.decode(video=0)) == math.ceil(SECONDS * 25)
         assert container.streams.audio, "the mp4 carries the speech"
+        tags = dict(container.metadata)
     assert not list(tmp_path.rglob("*.part"))
+
+    video = InputImpl.VideoFromComponents(Types.VideoComponents(images=torch.rand(2, 16, 16, 3),
+                                                                frame_rate=Fraction(25)))
+    core = _saved(SaveVideo.PREPARE_CLASS_CLONE(hidden).execute(video, "core/video", "auto", "auto"), tmp_path)
+    with av.open(str(core)) as container:
+        core_tags = dict(container.metadata)
+    assert {k: tags[k] for k in ("prompt", "workflow")} == {k: core_tags[k] for k in ("prompt", "workflow")}
+    assert json.loads(tags["workflow"]) == hidden[io.Hidden.extra_pnginfo]["workflow"]
 
 
 def test_example_inputs_are_put_into_the_input_folder_without_overwriting(tmp_path, monkeypatch):
@@ -305,3 +327,72 @@ def test_example_inputs_are_put_into_the_input_folder_without_overwriting(tmp_pa
     assert sorted(p.name for p in written) == [name for name in shipped if name != mine.name]
     assert all(p.read_bytes() == (INPUTS / p.name).read_bytes() for p in written)
     assert examples.install_inputs() == [] and not list(tmp_path.glob(".*"))
+
+
+def _stand_in_separator(folder: Path) -> None:
+    """A stand-in for Kim_Vocal_2.onnx that audio-separator accepts (NOT the real model): an Identity ONNX
+    graph on the MDX spectrogram input, under the real file name, with audio-separator's three JSON files
+    listing it and registering its md5 with Kim_Vocal_2's MDX parameters, so nothing is downloaded."""
+    import hashlib
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    dims = {"compensate": 1.0, "mdx_dim_f_set": 3072, "mdx_dim_t_set": 8, "mdx_n_fft_scale_set": 7680,
+            "primary_stem": "Vocals"}
+    spec = ["batch", 4, dims["mdx_dim_f_set"], 2 ** dims["mdx_dim_t_set"]]
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "stand_in_vocals",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, spec)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, spec)])
+    model = folder / "Kim_Vocal_2.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
+    md5 = hashlib.md5(model.read_bytes()).hexdigest()  # audio-separator hashes small files whole
+    lists = ("mdx_download_list", "mdx_download_vip_list", "vr_download_list", "demucs_download_list",
+             "mdx23c_download_list", "mdx23c_download_vip_list", "roformer_download_list")
+    checks = {name: {} for name in lists} | {"mdx_download_list": {"MDX-Net Model: Kim Vocal 2": model.name}}
+    (folder / "download_checks.json").write_text(json.dumps(checks))
+    (folder / "mdx_model_data.json").write_text(json.dumps({md5: dims}))
+    (folder / "vr_model_data.json").write_text("{}")
+
+
+def test_vocal_separator_runs_audio_separator_offline_on_a_stand_in_model(tmp_path, monkeypatch):
+    """The Vocal Separator node through audio-separator's real MDX path (ffmpeg check, model list, md5
+    lookup, STFT, onnxruntime, stem writing through pydub + ffmpeg) and the reference's 16 kHz reload. The
+    stand-in is an identity on the spectrogram, so the "vocals" of clean speech are that speech. Not
+    covered: Kim_Vocal_2's own weights. ffmpeg: the one on PATH, else imageio-ffmpeg's static build."""
+    import shutil
+    import socket
+
+    import soundfile
+
+    pytest.importorskip("audio_separator", reason="audio-separator is not installed (install.py installs it)")
+    if shutil.which("ffmpeg") is None:
+        imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="no ffmpeg program: install ffmpeg or "
+                                                                      "imageio-ffmpeg")
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "ffmpeg").symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+        monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the separator tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(tmp_path / "temp"))
+    root = tmp_path / "models" / "emocast"
+    (root / "audio_separator").mkdir(parents=True)
+    _stand_in_separator(root / "audio_separator")
+    folder_paths.add_model_folder_path("emocast", str(root))
+    assert nodes_audio.VocalSeparator.validate_inputs("audio_separator/Kim_Vocal_2.onnx") is True
+
+    speech = load_speech(2.0)
+    vocals = nodes_audio.VocalSeparator.execute(speech, "audio_separator/Kim_Vocal_2.onnx")[0]
+    assert vocals["sample_rate"] == 16000 and vocals["waveform"].shape[:2] == (1, 1)
+    heard = vocals["waveform"][0, 0].numpy()
+    wave, rate = soundfile.read(INPUTS / "emocast_speech.wav", dtype="float32")
+    assert rate == 16000
+    said = wave[:len(heard)]
+    assert abs(len(heard) - round(2.0 * rate)) <= 1
+    # the same waveform (MDX's STFT round trip rescales it: the real model's weights absorb that gain)
+    assert np.corrcoef(heard, said)[0, 1] > 0.99 and np.std(heard) > 0.1 * np.std(said)
+    assert not list((tmp_path / "temp").rglob("*.wav")), "the node's temporary files are removed"
