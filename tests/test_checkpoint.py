@@ -15,8 +15,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import manifest_shape, read_manifest
-from emocast_lib.checkpoint import CONFIG_KEY, NOTE_KEY, CheckpointError, check_state_dict, convert_file, load_net, \
-    main_convert, net_shapes, read_state_dict
+from emocast_lib.checkpoint import (
+    CONFIG_KEY,
+    NOTE_KEY,
+    CheckpointError,
+    check_state_dict,
+    convert_file,
+    load_net,
+    main_convert,
+    net_shapes,
+    read_state_dict,
+)
 from emocast_lib.config import NetConfig
 from emocast_lib.tiny import TINY_PACK_NET, filled_net
 
@@ -126,7 +135,8 @@ def test_truncated_pth_names_the_file(tmp_path, tiny_sd, legacy):
 def test_every_truncation_of_a_small_pth_gives_checkpoint_error(tmp_path, legacy):
     """torch reports damaged files through many exception types; none may escape unwrapped."""
     buf = io.BytesIO()
-    torch.save({"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4)}, buf, _use_new_zipfile_serialization=not legacy)
+    small = {"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4)}
+    torch.save(small, buf, _use_new_zipfile_serialization=not legacy)
     data, path = buf.getvalue(), tmp_path / "cut.pth"
     for n in range(0, len(data), 1 if legacy else 7):
         path.write_bytes(data[:n])

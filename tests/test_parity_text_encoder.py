@@ -145,7 +145,8 @@ def test_long_prompt_error_and_truncation(clip_tokenizer, text_model):
     with pytest.raises(ValueError, match="78 tokens; CLIP takes at most 75: shorten it by 3 tokens"):
         encode_prompt(encoder, prompt)
     out = encode_prompt(encoder, prompt, truncate=True)
-    assert out.dropped == "at the end" and out.prompt == " ".join(["sad"] * 70 + ["and", "then", "very", "happy", "again"])
+    assert out.dropped == "at the end"
+    assert out.prompt == " ".join(["sad"] * 70 + ["and", "then", "very", "happy", "again"])
     assert int(out.attention_mask.sum()) == 77 and out.input_ids[0, -1] == 49407
 
 

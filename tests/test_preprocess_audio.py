@@ -91,8 +91,9 @@ def test_checkpoint_layouts_load_the_fill(audio_dir: Path):
     model = audio.load_wav2vec2(audio_dir / "tiny_wav2vec2_hubstyle")  # hub layout: the set always has it
     fill = {k: fill_tensor(info["seed"], k, v.shape) for k, v in model.state_dict().items() if k in info["sha256"]}
     assert {k: tensor_sha256(v) for k, v in fill.items()} == info["sha256"]
-    folders = [d for d in ("tiny_wav2vec2", "tiny_wav2vec2_hubstyle") if (audio_dir / d / "model.safetensors").is_file()]
-    for folder in folders:
+    for folder in ("tiny_wav2vec2", "tiny_wav2vec2_hubstyle"):
+        if not (audio_dir / folder / "model.safetensors").is_file():
+            continue  # a trimmed set keeps the weights in one layout only
         loaded = audio.load_wav2vec2(audio_dir / folder).state_dict()
         assert loaded.keys() == model.state_dict().keys(), folder
         for key, value in fill.items():
@@ -102,7 +103,8 @@ def test_checkpoint_layouts_load_the_fill(audio_dir: Path):
 def test_window_clamps_at_the_ends():
     emb = torch.arange(6.0)[:, None]
     win = audio.window_frames(emb)[..., 0]
-    assert win[0].tolist() == [0, 0, 0, 1, 2] and win[3].tolist() == [1, 2, 3, 4, 5] and win[5].tolist() == [3, 4, 5, 5, 5]
+    assert win[0].tolist() == [0, 0, 0, 1, 2] and win[3].tolist() == [1, 2, 3, 4, 5]
+    assert win[5].tolist() == [3, 4, 5, 5, 5]
 
 
 def test_padding_only_when_needed(encoder):
@@ -182,7 +184,8 @@ def test_separator_missing_files_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError) as err:
         audio.separate_vocals(tmp_path / "a.wav", tmp_path, tmp_path / "out")
     msg = str(err.value)
-    assert "download_checks.json, mdx_model_data.json, vr_model_data.json" in msg and "Kim_Vocal_2.onnx --model_file_dir" in msg
+    assert "download_checks.json, mdx_model_data.json, vr_model_data.json" in msg
+    assert "Kim_Vocal_2.onnx --model_file_dir" in msg
 
 
 def test_separator_missing_package_named(tmp_path: Path, monkeypatch):

@@ -120,8 +120,8 @@ def test_default_clamps_box_else_exact(preprocess_dir: Path):
             np.testing.assert_array_equal(getattr(masks, f"{name}_mask"), expected)
             # the clamped box holds all its landmarks, unlike the reference's strip
             ids = face.LIP_IDS if name == "lip" else face.FACE_OVAL_IDS
-            inside = getattr(masks, f"{name}_mask")[np.clip(np.round(lm["landmarks_px"][list(ids), 1]).astype(int), 0, h - 1),
-                                                    np.clip(np.round(lm["landmarks_px"][list(ids), 0]).astype(int), 0, w - 1)]
+            px = np.round(lm["landmarks_px"][list(ids)]).astype(int)
+            inside = getattr(masks, f"{name}_mask")[np.clip(px[:, 1], 0, h - 1), np.clip(px[:, 0], 0, w - 1)]
             assert (inside == 255).all(), f"{case.name}: {name} landmarks outside the fixed mask"
             if neg:
                 assert not np.array_equal(getattr(masks, f"{name}_mask"), ref[f"{name}_mask"])
@@ -129,7 +129,8 @@ def test_default_clamps_box_else_exact(preprocess_dir: Path):
         np.testing.assert_array_equal(masks.face_mask_blur, face.soft_mask(masks.face_mask, face.FACE_KSIZE))
         np.testing.assert_array_equal(masks.sep_lip, face.soft_mask(masks.lip_mask, face.LIP_KSIZE))
         np.testing.assert_array_equal(masks.sep_face, np.maximum(masks.face_mask_blur.astype(int) - masks.sep_lip, 0))
-        np.testing.assert_array_equal(masks.sep_background, np.load(preprocess_dir / "faces" / "background_invert_lut.npy")[masks.face_mask_blur])
+        lut = np.load(preprocess_dir / "faces" / "background_invert_lut.npy")
+        np.testing.assert_array_equal(masks.sep_background, lut[masks.face_mask_blur])
         if not lip_neg:
             _assert_all_equal(masks, ref, case, keys=["lip_mask", "sep_lip"], region=False)
         # and the uint8 chain applied to the reference's own strip reproduces the reference's outputs
@@ -189,7 +190,8 @@ def test_crop_portrait_centres_a_small_face():
     crop, info = face.crop_portrait(np.zeros((1000, 1500, 3), np.uint8), lm, scale=2.0)
     extent = max(np.ptp(np.round(lm[list(face.FACE_OVAL_IDS)]), axis=0))
     assert info.side == int(np.ceil(extent * 2.0))
-    cx, cy = [(np.round(lm[list(face.FACE_OVAL_IDS), i]).min() + np.round(lm[list(face.FACE_OVAL_IDS), i]).max()) / 2 for i in (0, 1)]
+    oval = np.round(lm[list(face.FACE_OVAL_IDS)])
+    cx, cy = (oval.min(axis=0) + oval.max(axis=0)) / 2
     assert abs(info.x0 + info.side / 2 - cx) <= 1 and abs(info.y0 + info.side / 2 - cy) <= 1
 
 

@@ -22,7 +22,6 @@ from safetensors.numpy import load_file
 
 from emocast_lib import face
 
-
 # --- fake InsightFace models -------------------------------------------------------------------------
 
 def _save(graph, path: Path) -> None:
@@ -64,7 +63,8 @@ def make_fake_scrfd(path: Path) -> None:
                   node("Add", [p + "gf", "one"], [p + "g1"]), node("Mul", [p + "g1", "two"], [p + "d"]),
                   node("Mul", [p + "d", "ones4"], [p + "d4"]), node("Concat", [p + "d4", p + "d4"], [p + "d8"], axis=1),
                   node("Reshape", [p + "d8", "flat4"], [p + "bbox"]),
-                  node("Mul", [p + "d", "kps"], [p + "k10"]), node("Concat", [p + "k10", p + "k10"], [p + "k20"], axis=1),
+                  node("Mul", [p + "d", "kps"], [p + "k10"]),
+                  node("Concat", [p + "k10", p + "k10"], [p + "k20"], axis=1),
                   node("Reshape", [p + "k20", "flat10"], [p + "kps"])]
         for kind in outputs:
             outputs[kind].append(p + kind)
@@ -127,7 +127,8 @@ def test_largest_face_raw_embedding(fake_app, fake_insightface_dir: Path):
     chosen = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
     crop = face_align.norm_crop(np.ascontiguousarray(img[..., ::-1]), chosen.kps, image_size=112)
     blob = ((crop[..., ::-1].astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
-    session = onnxruntime.InferenceSession(str(fake_insightface_dir / "fake_arcface.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(fake_insightface_dir / "fake_arcface.onnx"),
+                                           providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input.1": blob})[0][0]
     np.testing.assert_allclose(ident.embedding, expected, rtol=1e-5, atol=1e-4)
     assert ident.embedding.dtype == np.float32 and abs(np.linalg.norm(ident.embedding) - 1) > 0.5  # raw, not L2-normed
