@@ -13,6 +13,7 @@ from ..config import REGIONS, UNetConfig
 from .audio_module import AudioModule
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Stage, TimestepEmbedding, Upsample, timestep_embedding
 from .motion import MotionModule
+from .ops import TorchOps
 
 Trace = dict[str, torch.Tensor] | None
 
@@ -25,24 +26,25 @@ def _recorder(trace: Trace) -> Callable[[str, torch.Tensor], None]:
 class _UNet(nn.Module):
     """SD1.5 skeleton; the denoising variant adds audio and motion modules to every stage."""
 
-    def __init__(self, cfg: UNetConfig, denoising: bool):
+    def __init__(self, cfg: UNetConfig, denoising: bool, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         self.cfg = cfg
+        dd = {"dtype": dtype, "device": device, "operations": operations}
         bo, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
         temb, g, heads, d = cfg.time_embed_dim, cfg.norm_num_groups, cfg.heads, cfg.cross_attention_dim
-        self.conv_in = nn.Conv2d(cfg.in_channels, bo[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(bo[0], temb)
+        self.conv_in = operations.Conv2d(cfg.in_channels, bo[0], 3, padding=1, dtype=dtype, device=device)
+        self.time_embedding = TimestepEmbedding(bo[0], temb, **dd)
 
         def attn(c):
-            return SpatialTransformer(c, heads, d, g)
+            return SpatialTransformer(c, heads, d, g, **dd)
 
         def audio(c, cx):
             # The released audio modules run at an inner width taken from another level (Ci below).
             return AudioModule(c, heads * (cx // heads), heads, g, cfg.audio_attention_dim, d,
-                               cfg.audio_token_dim, cfg.emotive_head_dim)
+                               cfg.audio_token_dim, cfg.emotive_head_dim, **dd)
 
         def motion(c):
-            return MotionModule(c, cfg.motion_heads, cfg.motion_max_len, cfg.motion_norm_groups)
+            return MotionModule(c, cfg.motion_heads, cfg.motion_max_len, cfg.motion_norm_groups, **dd)
 
         def stage(resnets, cross, audio_in, c, count, sampler, name):
             return Stage(resnets, [attn(c) for _ in range(count)] if cross else [],
@@ -52,27 +54,28 @@ class _UNet(nn.Module):
         down, cout = [], bo[0]
         for i, c in enumerate(bo):
             cin, cout = cout, c
-            resnets = [ResnetBlock(cin if j == 0 else c, c, temb, g) for j in range(layers)]
+            resnets = [ResnetBlock(cin if j == 0 else c, c, temb, g, **dd) for j in range(layers)]
             down.append(stage(resnets, i < n - 1, lambda j, i=i: bo[i - 1] if j == 0 and i > 0 else bo[i], c, layers,
-                              Downsample(c) if i < n - 1 else None, "downsamplers"))
+                              Downsample(c, **dd) if i < n - 1 else None, "downsamplers"))
         self.down_blocks = nn.ModuleList(down)
-        self.mid_block = stage([ResnetBlock(bo[-1], bo[-1], temb, g) for _ in range(2)], True, lambda j: bo[-1],
+        self.mid_block = stage([ResnetBlock(bo[-1], bo[-1], temb, g, **dd) for _ in range(2)], True, lambda j: bo[-1],
                                bo[-1], 1, None, "")
         up, rev, prev = [], bo[::-1], bo[-1]
         for i, c in enumerate(rev):
             skip = rev[min(i + 1, n - 1)]
-            resnets = [ResnetBlock((prev if j == 0 else c) + (skip if j == layers else c), c, temb, g)
+            resnets = [ResnetBlock((prev if j == 0 else c) + (skip if j == layers else c), c, temb, g, **dd)
                        for j in range(layers + 1)]
             up.append(stage(resnets, i > 0, lambda j, i=i: bo[max(2 - i, 0)], c, layers + 1,
-                            Upsample(c) if i < n - 1 else None, "upsamplers"))
+                            Upsample(c, **dd) if i < n - 1 else None, "upsamplers"))
             prev = c
         self.up_blocks = nn.ModuleList(up)
         if denoising:
-            self.conv_norm_out = nn.GroupNorm(g, bo[0], eps=1e-5)
-            self.conv_out = nn.Conv2d(bo[0], cfg.out_channels, 3, padding=1)
+            self.conv_norm_out = operations.GroupNorm(g, bo[0], eps=1e-5, dtype=dtype, device=device)
+            self.conv_out = operations.Conv2d(bo[0], cfg.out_channels, 3, padding=1, dtype=dtype, device=device)
 
-    def _time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(dtype))
+    def _time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Embedding of timestep `t` (a scheduler's CPU tensor or one on x's device) in x's dtype and device."""
+        return self.time_embedding(timestep_embedding(t.to(x.device), self.cfg.block_out_channels[0]).to(x.dtype))
 
     def _run(self, x: torch.Tensor, temb: torch.Tensor, layer: Callable, rec: Callable = lambda k, v: None) -> torch.Tensor:
         """Down, mid and up stages with SD skips; `layer(path, stage, j, level, x)` runs what follows
@@ -114,8 +117,8 @@ class _UNet(nn.Module):
 class ReferenceUNet(_UNet):
     """2-D UNet run once per clip on the reference latents (timestep 0); only its features are used."""
 
-    def __init__(self, cfg: UNetConfig):
-        super().__init__(cfg, denoising=False)
+    def __init__(self, cfg: UNetConfig, dtype=None, device=None, operations=TorchOps):
+        super().__init__(cfg, denoising=False, dtype=dtype, device=device, operations=operations)
 
     def forward(self, sample: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
         """sample (R, 4, h, w); context (2, N, D). Row i is paired with context row i mod 2 (the
@@ -131,8 +134,8 @@ class ReferenceUNet(_UNet):
             bank[f"{path}.attentions.{j}"] = normed[restore]
             return x
 
-        t = torch.zeros(1, dtype=torch.long, device=sample.device)
-        self._run(self.conv_in(sample[order]), self._time(t, sample.dtype), layer)
+        x = self.conv_in(sample[order])
+        self._run(x, self._time(torch.zeros(1, dtype=torch.long, device=x.device), x), layer)
         return bank
 
 
@@ -159,8 +162,8 @@ class ClipContext:
 
 
 class DenoisingUNet(_UNet):
-    def __init__(self, cfg: UNetConfig):
-        super().__init__(cfg, denoising=True)
+    def __init__(self, cfg: UNetConfig, dtype=None, device=None, operations=TorchOps):
+        super().__init__(cfg, denoising=True, dtype=dtype, device=device, operations=operations)
 
     def _layers(self):
         for i, st in enumerate(self.down_blocks):
@@ -172,8 +175,9 @@ class DenoisingUNet(_UNet):
     @torch.no_grad()
     def prepare(self, cond: ClipConditioning, reference: dict[str, torch.Tensor]) -> ClipContext:
         """Project everything step-invariant once: reference keys/values, text/identity keys/values,
-        the emotive audio context and its keys/values, and motion-frame features."""
-        dtype = self.conv_in.weight.dtype
+        the emotive audio context and its keys/values, and motion-frame features; in the dtype of the
+        text context (the computation's dtype, which casting layers may store their weights apart from)."""
+        dtype = cond.context.dtype
         b, c0, f, h, w = cond.face_features.shape
         audio = cond.audio.flatten(0, 1).to(dtype)
         emotion = cond.emotion.to(dtype)
@@ -218,7 +222,7 @@ class DenoisingUNet(_UNet):
             rec(f"{path}.motion_modules.{j}", x)
             return x
 
-        x = self._run(x, self._time(t, x.dtype), layer, rec)
+        x = self._run(x, self._time(t, x), layer, rec)
         x = self.conv_norm_out(x)
         rec("conv_norm_out", x)
         x = self.conv_out(F.silu(x))
