@@ -3,12 +3,13 @@ so every block here is per frame, as in the released "inflated" 3-D UNet."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, DecoupledCrossAttention, FeedForward, attend
+from .attention import KV, Attention, DecoupledCrossAttention, FeedForward, attend
 from .ops import TorchOps, own_weights
 
 
@@ -138,7 +139,7 @@ class TransformerBlock(nn.Module):
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x)), n
 
-    def read(self, x: torch.Tensor, ref_kv: tuple[torch.Tensor, torch.Tensor], cross_kv) -> torch.Tensor:
+    def read(self, x: torch.Tensor, ref_kv: KV, cross_kv) -> torch.Tensor:
         """Denoising pass. Rows are [uncond frames, cond frames]. The unconditional half attends to
         itself only; conditional row j also attends to the reference-frame features of CFG half
         `j mod 2` (`ref_kv`, 2 rows) — the released row-parity pairing, kept for parity."""
@@ -173,27 +174,48 @@ class SpatialTransformer(nn.Module):
         return x + to_grid(pointwise(self.proj_out, t), h, w), extra
 
     def write(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference pass: the output and the block's normed input (the reference feature)."""
         return self._wrap(x, lambda t: self.transformer_blocks[0].write(t, context))
 
-    def read(self, x: torch.Tensor, ref_kv, cross_kv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref_kv: KV, cross_kv) -> torch.Tensor:
+        """Denoising pass (`TransformerBlock.read`)."""
         return self._wrap(x, lambda t: (self.transformer_blocks[0].read(t, ref_kv, cross_kv), None))[0]
 
 
 class Stage(nn.Module):
-    """Container for one down/mid/up stage; the UNets hold the data flow."""
+    """One down, mid or up stage: resnets, each followed by the stage's attention where it has one,
+    then a down or up sampler."""
 
-    def __init__(self, resnets, attentions=(), audio_modules=(), motion_modules=(), sampler=None, sampler_name=""):
+    def __init__(self, kind: str, resnets, attentions=(), audio_modules=(), motion_modules=(), sampler=None):
         super().__init__()
+        self.kind = kind  # "down", "mid" or "up"
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions)
         if audio_modules:
             self.audio_modules = nn.ModuleList(audio_modules)
         if motion_modules:
             self.motion_modules = nn.ModuleList(motion_modules)
-        self.sampler_name = sampler_name
-        if sampler is not None:
-            setattr(self, sampler_name, nn.ModuleList([sampler]))
+        if sampler is not None:  # checkpoint keys `downsamplers.0` / `upsamplers.0`
+            setattr(self, f"{kind}samplers", nn.ModuleList([sampler]))
 
     @property
     def sampler(self) -> nn.Module | None:
-        return getattr(self, self.sampler_name)[0] if self.sampler_name and hasattr(self, self.sampler_name) else None
+        samplers = getattr(self, f"{self.kind}samplers", None)
+        return None if samplers is None else samplers[0]
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor],
+                after: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """SD's skip connections: a down stage appends the output of each resnet (with what follows it)
+        and of its sampler to `skips`; an up stage joins the last of them to each resnet's input.
+        `after(j, x)` runs what follows resnet j (it differs between the two UNets)."""
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1) if self.kind == "up" else x, temb)
+            if j < len(self.attentions):  # the mid stage: resnet, attention, resnet
+                x = after(j, x)
+            if self.kind == "down":
+                skips.append(x)
+        if self.sampler is not None:
+            x = self.sampler(x)
+            if self.kind == "down":
+                skips.append(x)
+        return x

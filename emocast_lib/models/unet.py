@@ -2,8 +2,9 @@
 (prepared once per clip into a `ClipContext`) as an argument on every step."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,6 @@ from .audio_module import AudioModule
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Stage, TimestepEmbedding, Upsample, timestep_embedding
 from .motion import MotionModule
 from .ops import TorchOps
-
-Trace = dict[str, torch.Tensor] | None
-
-
-def _recorder(trace: Trace) -> Callable[[str, torch.Tensor], None]:
-    """Optional record of every stage output (used by the parity tests to localise a divergence)."""
-    return trace.__setitem__ if trace is not None else lambda name, x: None
 
 
 class _UNet(nn.Module):
@@ -47,26 +41,26 @@ class _UNet(nn.Module):
             return MotionModule(c, cfg.motion_heads, cfg.motion_max_len, cfg.motion_norm_groups, **dd)
 
         def stage(resnets, cross, audio_in, c, count, sampler, name):
-            return Stage(resnets, [attn(c) for _ in range(count)] if cross else [],
+            return Stage(name, resnets, [attn(c) for _ in range(count)] if cross else [],
                          [audio(c, audio_in(j)) for j in range(count)] if cross and denoising else [],
-                         [motion(c) for _ in range(count)] if denoising else [], sampler, name)
+                         [motion(c) for _ in range(count)] if denoising else [], sampler)
 
         down, cout = [], bo[0]
         for i, c in enumerate(bo):
             cin, cout = cout, c
             resnets = [ResnetBlock(cin if j == 0 else c, c, temb, g, **dd) for j in range(layers)]
             down.append(stage(resnets, i < n - 1, lambda j, i=i: bo[i - 1] if j == 0 and i > 0 else bo[i], c, layers,
-                              Downsample(c, **dd) if i < n - 1 else None, "downsamplers"))
+                              Downsample(c, **dd) if i < n - 1 else None, "down"))
         self.down_blocks = nn.ModuleList(down)
         self.mid_block = stage([ResnetBlock(bo[-1], bo[-1], temb, g, **dd) for _ in range(2)], True, lambda j: bo[-1],
-                               bo[-1], 1, None, "")
+                               bo[-1], 1, None, "mid")
         up, rev, prev = [], bo[::-1], bo[-1]
         for i, c in enumerate(rev):
             skip = rev[min(i + 1, n - 1)]
             resnets = [ResnetBlock((prev if j == 0 else c) + (skip if j == layers else c), c, temb, g, **dd)
                        for j in range(layers + 1)]
             up.append(stage(resnets, i > 0, lambda j, i=i: bo[max(2 - i, 0)], c, layers + 1,
-                            Upsample(c, **dd) if i < n - 1 else None, "upsamplers"))
+                            Upsample(c, **dd) if i < n - 1 else None, "up"))
             prev = c
         self.up_blocks = nn.ModuleList(up)
         if denoising:
@@ -77,40 +71,21 @@ class _UNet(nn.Module):
         """Embedding of timestep `t` (a scheduler's CPU tensor or one on x's device) in x's dtype and device."""
         return self.time_embedding(timestep_embedding(t.to(x.device), self.cfg.block_out_channels[0]).to(x.dtype))
 
-    def _run(self, x: torch.Tensor, temb: torch.Tensor, layer: Callable, rec: Callable = lambda k, v: None) -> torch.Tensor:
-        """Down, mid and up stages with SD skips; `layer(path, stage, j, level, x)` runs what follows
-        resnet j of a cross-attention stage (it differs between the two UNets)."""
+    def _stages(self) -> Iterator[tuple[str, Stage, int]]:
+        """(checkpoint path, stage, grid level) of every stage, in execution order."""
         n = len(self.down_blocks)
-        skips = [x]
         for i, st in enumerate(self.down_blocks):
-            for j, res in enumerate(st.resnets):
-                x = res(x, temb)
-                rec(f"down_blocks.{i}.resnets.{j}", x)
-                if len(st.attentions):
-                    x = layer(f"down_blocks.{i}", st, j, i, x)
-                skips.append(x)
-            if st.sampler is not None:
-                x = st.sampler(x)
-                rec(f"down_blocks.{i}.downsamplers.0", x)
-                skips.append(x)
-            rec(f"down_blocks.{i}", x)
-        mid = self.mid_block
-        x = mid.resnets[0](x, temb)
-        rec("mid_block.resnets.0", x)
-        x = layer("mid_block", mid, 0, n - 1, x)
-        x = mid.resnets[1](x, temb)
-        rec("mid_block.resnets.1", x)
-        rec("mid_block", x)
+            yield f"down_blocks.{i}", st, i
+        yield "mid_block", self.mid_block, n - 1
         for i, st in enumerate(self.up_blocks):
-            for j, res in enumerate(st.resnets):
-                x = res(torch.cat([x, skips.pop()], dim=1), temb)
-                rec(f"up_blocks.{i}.resnets.{j}", x)
-                if len(st.attentions):
-                    x = layer(f"up_blocks.{i}", st, j, n - 1 - i, x)
-            if st.sampler is not None:
-                x = st.sampler(x)
-                rec(f"up_blocks.{i}.upsamplers.0", x)
-            rec(f"up_blocks.{i}", x)
+            yield f"up_blocks.{i}", st, n - 1 - i
+
+    def _run(self, x: torch.Tensor, temb: torch.Tensor, after: Callable) -> torch.Tensor:
+        """Down, mid and up stages with SD's skips; `after(path, stage, level, j, x)` runs what follows
+        resnet j of a stage with attentions (it differs between the two UNets)."""
+        skips = [x]
+        for path, st, level in self._stages():
+            x = st(x, temb, skips, partial(after, path, st, level))
         return x
 
 
@@ -129,13 +104,13 @@ class ReferenceUNet(_UNet):
         order = torch.arange(sample.shape[0], device=sample.device).view(-1, len(context)).T.reshape(-1)
         restore = torch.argsort(order)
 
-        def layer(path, st, j, level, x):
+        def after(path, st, level, j, x):
             x, normed = st.attentions[j].write(x, context)
             bank[f"{path}.attentions.{j}"] = normed[restore]
             return x
 
         x = self.conv_in(sample[order])
-        self._run(x, self._time(torch.zeros(1, dtype=torch.long, device=x.device), x), layer)
+        self._run(x, self._time(torch.zeros(1, dtype=torch.long, device=x.device), x), after)
         return bank
 
 
@@ -165,13 +140,6 @@ class DenoisingUNet(_UNet):
     def __init__(self, cfg: UNetConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__(cfg, denoising=True, dtype=dtype, device=device, operations=operations)
 
-    def _layers(self):
-        for i, st in enumerate(self.down_blocks):
-            yield f"down_blocks.{i}", st, i
-        yield "mid_block", self.mid_block, len(self.down_blocks) - 1
-        for i, st in enumerate(self.up_blocks):
-            yield f"up_blocks.{i}", st, len(self.up_blocks) - 1 - i
-
     @torch.no_grad()
     def prepare(self, cond: ClipConditioning, reference: dict[str, torch.Tensor]) -> ClipContext:
         """Project everything step-invariant once: reference keys/values, text/identity keys/values,
@@ -183,7 +151,7 @@ class DenoisingUNet(_UNet):
         emotion = cond.emotion.to(dtype)
         context = cond.context.to(dtype)
         layers = {}
-        for path, st, level in self._layers():
+        for path, st, level in self._stages():
             for j in range(len(st.attentions)):
                 key = f"{path}.attentions.{j}"
                 # The released code stores reference features in fp16, also in fp32 runs.
@@ -201,30 +169,19 @@ class DenoisingUNet(_UNet):
         face = cond.face_features.transpose(1, 2).reshape(b * f, c0, h, w).to(dtype)
         return ClipContext(face, layers, masks, tuple(float(s) for s in cond.motion_scale))
 
-    def forward(self, sample: torch.Tensor, t: torch.Tensor, ctx: ClipContext, trace: Trace = None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, ctx: ClipContext) -> torch.Tensor:
         """sample (2, 4, f, h, w) -> model output (2, 4, f, h, w). The released inference runs this
         network's training-mode branch; this is that branch: motion frames enter every motion module
         of the cross-attention stages, the motion modules of the first up / last down stage are
         skipped, and `motion_scale` reaches every audio module."""
         b, c, f, h, w = sample.shape
-        rec = _recorder(trace)
-        x = self.conv_in(sample.transpose(1, 2).reshape(b * f, c, h, w))
-        rec("conv_in", x)
-        x = x + ctx.face
+        x = self.conv_in(sample.transpose(1, 2).reshape(b * f, c, h, w)) + ctx.face
 
-        def layer(path, st, j, level, x):
+        def after(path, st, level, j, x):
             lc = ctx.layers[f"{path}.attentions.{j}"]
-            x = st.attentions[j].read(x, lc["ref_kv"], lc["cross_kv"])
-            rec(f"{path}.attentions.{j}", x)
+            x = st.attentions[j](x, lc["ref_kv"], lc["cross_kv"])
             x = st.audio_modules[j](x, lc["audio_kv"], ctx.masks[level], ctx.scales)
-            rec(f"{path}.audio_modules.{j}", x)
-            x = st.motion_modules[j](x, lc["motion"])
-            rec(f"{path}.motion_modules.{j}", x)
-            return x
+            return st.motion_modules[j](x, lc["motion"])
 
-        x = self._run(x, self._time(t, x), layer, rec)
-        x = self.conv_norm_out(x)
-        rec("conv_norm_out", x)
-        x = self.conv_out(F.silu(x))
-        rec("conv_out", x)
+        x = self.conv_out(F.silu(self.conv_norm_out(self._run(x, self._time(t, x), after))))
         return x.view(b, f, -1, h, w).transpose(1, 2)
