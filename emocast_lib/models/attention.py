@@ -1,5 +1,7 @@
-"""Attention layers. Every attention goes through `scaled_dot_product_attention`; key/value
-projections can be computed ahead (`kv`) so that tokens which stay fixed for a whole clip are
+"""Attention layers: diffusers' `Attention` (attention_processor.py, `AttnProcessor2_0`), its IP-Adapter
+processor `IPAdapterAttnProcessor2_0` and `FeedForward` (attention.py), as the blocks of
+emocast/models/attention_text.py use them. Every attention goes through `scaled_dot_product_attention`;
+key/value projections can be computed ahead (`kv`) so that tokens which stay fixed for a whole clip are
 projected once per clip, not once per denoising step."""
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class _IPProjections(nn.Module):
 
 class DecoupledCrossAttention(Attention):
     """Cross-attention over [text tokens, identity tokens] with separate projections for the last
-    `ip_tokens` (IP-Adapter style): out = to_out(Attn(q, text) + Attn(q, identity))."""
+    `ip_tokens` (diffusers' `IPAdapterAttnProcessor2_0`, scale 1): out = to_out(Attn(q, text) + Attn(q, identity))."""
 
     def __init__(self, query_dim: int, kv_dim: int, heads: int, head_dim: int, ip_tokens: int = 4,
                  dtype=None, device=None, operations=TorchOps):
@@ -78,7 +80,7 @@ class DecoupledCrossAttention(Attention):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward (`net.0.proj`, `net.2`), exact-erf GELU."""
+    """diffusers' GEGLU `FeedForward` (`net.0.proj`, `net.2`), exact-erf GELU."""
 
     def __init__(self, dim: int, mult: int = 4, dtype=None, device=None, operations=TorchOps):
         super().__init__()

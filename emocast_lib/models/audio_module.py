@@ -1,4 +1,6 @@
-"""Audio modules of the denoising UNet: emotive audio attention and mask-gated audio cross-attention."""
+"""Audio modules of the denoising UNet: emotive audio attention and mask-gated audio cross-attention
+(emocast/models/transformer_3d_text.py, `Transformer3DModel` with `use_audio_module`, whose block is
+`AudioTemporalBasicTransformerBlock` of emocast/models/attention_text.py)."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +14,9 @@ from .ops import TorchOps, own_weights
 
 
 class AudioBlock(nn.Module):
+    """`AudioTemporalBasicTransformerBlock`: self-attention; the emotive audio context (emotion tokens attend
+    to the audio tokens); three region cross-attentions on it, each masked and through a 1x1 conv; feed-forward."""
+
     def __init__(self, dim: int, heads: int, audio_dim: int, emo_dim: int, token_dim: int, emo_head_dim: int,
                  dtype=None, device=None, operations=TorchOps):
         super().__init__()
@@ -72,6 +77,9 @@ class AudioBlock(nn.Module):
 
 
 class AudioModule(nn.Module):
+    """`Transformer3DModel` with `use_audio_module`: GroupNorm, 1x1 conv to the inner width, one `AudioBlock`,
+    1x1 conv back, residual."""
+
     def __init__(self, c: int, inner: int, heads: int, groups: int, audio_dim: int, emo_dim: int,
                  token_dim: int, emo_head_dim: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()

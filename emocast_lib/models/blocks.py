@@ -1,5 +1,6 @@
 """SD1.5 building blocks shared by both UNets. Frames are folded into the batch (row b*f + k),
-so every block here is per frame, as in the released "inflated" 3-D UNet."""
+so every block here is per frame, as in the released "inflated" 3-D UNet (Hallo's hallo/models/resnet.py
+runs diffusers' 2-D layers on every frame)."""
 from __future__ import annotations
 
 import math
@@ -22,6 +23,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedding(nn.Module):
+    """diffusers' `TimestepEmbedding` (embeddings.py): linear, SiLU, linear."""
+
     def __init__(self, dim: int, out: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         self.linear_1 = operations.Linear(dim, out, dtype=dtype, device=device)
@@ -68,6 +71,8 @@ def _centre(conv: nn.Conv2d, weight: torch.Tensor) -> torch.Tensor:
 
 
 class ResnetBlock(nn.Module):
+    """hallo/models/resnet.py `ResnetBlock3D` (diffusers' `ResnetBlock2D` per frame)."""
+
     def __init__(self, cin: int, cout: int, temb: int, groups: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         dd = {"dtype": dtype, "device": device}
@@ -86,6 +91,8 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """hallo/models/resnet.py `Downsample3D`: a strided 3x3 convolution."""
+
     def __init__(self, c: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         self.conv = operations.Conv2d(c, c, 3, stride=2, padding=1, dtype=dtype, device=device)
@@ -95,6 +102,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """hallo/models/resnet.py `Upsample3D`: nearest x2, then a 3x3 convolution."""
+
     def __init__(self, c: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         self.conv = operations.Conv2d(c, c, 3, padding=1, dtype=dtype, device=device)
@@ -120,7 +129,9 @@ def to_grid(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention, decoupled text/identity cross-attention, GEGLU feed-forward."""
+    """emocast/models/attention_text.py `BasicTransformerBlock`: self-attention, decoupled text/identity
+    cross-attention, GEGLU feed-forward; `write`/`read` are the two modes emocast/models/
+    mutual_self_attention_text.py's `ReferenceAttentionControl` gives it."""
 
     def __init__(self, dim: int, heads: int, context_dim: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
@@ -157,7 +168,9 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm -> 1x1 conv -> one transformer block -> 1x1 conv, residual."""
+    """GroupNorm -> 1x1 conv -> one transformer block -> 1x1 conv, residual: emocast/models/
+    transformer_2d_text.py `Transformer2DModel` (reference UNet) and transformer_3d_text.py
+    `Transformer3DModel` (denoising UNet, frames folded into the batch)."""
 
     def __init__(self, c: int, heads: int, context_dim: int, groups: int, dtype=None, device=None,
                  operations=TorchOps):
@@ -184,7 +197,9 @@ class SpatialTransformer(nn.Module):
 
 class Stage(nn.Module):
     """One down, mid or up stage: resnets, each followed by the stage's attention where it has one,
-    then a down or up sampler."""
+    then a down or up sampler. emocast/models/unet_3d_blocks_text.py (`CrossAttnDownBlock3D`,
+    `DownBlock3D`, `UNetMidBlock3DCrossAttn`, `CrossAttnUpBlock3D`, `UpBlock3D`) and the 2-D blocks
+    of unet_2d_blocks_text.py; the module names are theirs, so the state dict is the checkpoint's."""
 
     def __init__(self, kind: str, resnets, attentions=(), audio_modules=(), motion_modules=(), sampler=None):
         super().__init__()

@@ -1,4 +1,8 @@
-"""AnimateDiff-style motion module: temporal self-attention over [motion frames, clip frames]."""
+"""AnimateDiff motion module: temporal self-attention over [motion frames, clip frames].
+
+Hallo's hallo/models/motion_module.py (from AnimateDiff's animatediff/models/motion_module.py):
+`VanillaTemporalModule` -> `TemporalTransformer3DModel` -> `TemporalTransformerBlock` (two
+`VersatileAttention` self-attentions with a `PositionalEncoding`, then a feed-forward)."""
 from __future__ import annotations
 
 import math

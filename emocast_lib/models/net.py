@@ -1,4 +1,5 @@
-"""The container whose state dict is the released `net.pth`."""
+"""The container whose state dict is the released `net.pth` (the `Net` module of EmoCAST's
+scripts/inference.py, as in Hallo: two UNets, face locator, image and audio projections)."""
 from __future__ import annotations
 
 import torch

@@ -10,7 +10,8 @@ from .ops import TorchOps
 
 
 class FaceLocator(nn.Module):
-    """Face-region image -> features added to the denoising UNet's `conv_in` output (per frame)."""
+    """hallo/models/face_locator.py `FaceLocator`: face-region image -> features added to the denoising
+    UNet's `conv_in` output (per frame)."""
 
     def __init__(self, cfg: FaceLocatorConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__()
@@ -32,7 +33,7 @@ class FaceLocator(nn.Module):
 
 
 class ImageProj(nn.Module):
-    """512-d identity embedding -> 4 tokens of the text width."""
+    """hallo/models/image_proj.py `ImageProjModel`: 512-d identity embedding -> 4 tokens of the text width."""
 
     def __init__(self, cfg: ImageProjConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__()
@@ -45,7 +46,8 @@ class ImageProj(nn.Module):
 
 
 class AudioProj(nn.Module):
-    """Windowed wav2vec features (B, f, 5, layers, C) -> audio tokens (B, f, tokens, width)."""
+    """hallo/models/audio_proj.py `AudioProjModel`: windowed wav2vec features (B, f, 5, layers, C) ->
+    audio tokens (B, f, tokens, width)."""
 
     def __init__(self, cfg: AudioProjConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__()

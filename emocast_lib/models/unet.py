@@ -1,5 +1,8 @@
-"""The two UNets. The reference UNet returns its per-block features; the denoising UNet takes them
-(prepared once per clip into a `ClipContext`) as an argument on every step."""
+"""The two UNets of EmoCAST: the reference UNet (emocast/models/unet_2d_condition_text.py,
+`UNet2DConditionModel`) returns its per-block features, and the denoising UNet
+(emocast/models/unet_3d_text.py, `UNet3DConditionModel`, after Hallo's hallo/models/unet_3d.py) takes
+them, prepared once per clip into a `ClipContext`, as an argument on every step. Frames are folded
+into the batch, so both are built from the same per-frame blocks."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -17,55 +20,84 @@ from .motion import MotionModule
 from .ops import TorchOps
 
 
+@dataclass(frozen=True)
+class StageLayout:
+    """What one stage holds (the arguments of `get_down_block` / `UNetMidBlock3DCrossAttn` /
+    `get_up_block` in emocast/models/unet_3d_blocks_text.py, Hallo's hallo/models/unet_3d_blocks.py)."""
+
+    kind: str  # "down", "mid" or "up"
+    channels: int  # output width of every resnet
+    resnet_inputs: tuple[int, ...]  # input width of each resnet (in an up stage: with the skip it joins)
+    cross_attention: bool  # a spatial transformer after each resnet (in the mid stage: after the first)
+    audio_widths: tuple[int, ...] = ()  # denoising UNet: inner width of the audio module after each transformer
+    motion_modules: int = 0  # denoising UNet: motion modules the stage holds (one per transformer run)
+    sampler: bool = False  # ends with a downsampler / upsampler
+
+    @property
+    def attention_layers(self) -> int:
+        return 0 if not self.cross_attention else 1 if self.kind == "mid" else len(self.resnet_inputs)
+
+
+def unet_layout(cfg: UNetConfig) -> dict[str, list[StageLayout]]:
+    """The stages of the SD1.5 UNet of `cfg` under their checkpoint names, as UNet3DConditionModel builds
+    them: cross-attention in all stages but the deepest down stage and the first up stage."""
+    widths, layers = cfg.block_out_channels, cfg.layers_per_block
+    last = len(widths) - 1
+    down = []
+    for i, c in enumerate(widths):
+        inputs = (widths[max(i - 1, 0)],) + (c,) * (layers - 1)
+        down.append(StageLayout(kind="down", channels=c, resnet_inputs=inputs, cross_attention=i < last,
+                                # The released audio modules are as wide as their resnet's input.
+                                audio_widths=inputs if i < last else (), motion_modules=layers, sampler=i < last))
+    mid = StageLayout(kind="mid", channels=widths[-1], resnet_inputs=(widths[-1],) * 2, cross_attention=True,
+                      audio_widths=(widths[-1],), motion_modules=1)
+    up, reverse = [], widths[::-1]
+    for i, c in enumerate(reverse):
+        prev, mirror = reverse[max(i - 1, 0)], reverse[min(i + 1, last)]  # previous stage out, mirrored stage in
+        # Each resnet joins one down-path output, last of all the mirrored down stage's input.
+        inputs = tuple((prev if j == 0 else c) + (mirror if j == layers else c) for j in range(layers + 1))
+        up.append(StageLayout(kind="up", channels=c, resnet_inputs=inputs, cross_attention=i > 0,
+                              # ... and here as wide as the mirrored down stage's input (upstream `in_channels`).
+                              audio_widths=(mirror,) * (layers + 1) if i > 0 else (), motion_modules=layers + 1,
+                              sampler=i < last))
+    return {"down_blocks": down, "mid_block": [mid], "up_blocks": up}
+
+
 class _UNet(nn.Module):
-    """SD1.5 skeleton; the denoising variant adds audio and motion modules to every stage."""
+    """SD1.5 skeleton; the denoising variant adds audio and motion modules to its stages."""
 
     def __init__(self, cfg: UNetConfig, denoising: bool, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         self.cfg = cfg
-        dd = {"dtype": dtype, "device": device, "operations": operations}
-        bo, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
-        temb, g, heads, d = cfg.time_embed_dim, cfg.norm_num_groups, cfg.heads, cfg.cross_attention_dim
-        self.conv_in = operations.Conv2d(cfg.in_channels, bo[0], 3, padding=1, dtype=dtype, device=device)
-        self.time_embedding = TimestepEmbedding(bo[0], temb, **dd)
-
-        def attn(c):
-            return SpatialTransformer(c, heads, d, g, **dd)
-
-        def audio(c, cx):
-            # The released audio modules run at an inner width taken from another level (Ci below).
-            return AudioModule(c, heads * (cx // heads), heads, g, cfg.audio_attention_dim, d,
-                               cfg.audio_token_dim, cfg.emotive_head_dim, **dd)
-
-        def motion(c):
-            return MotionModule(c, cfg.motion_heads, cfg.motion_max_len, cfg.motion_norm_groups, **dd)
-
-        def stage(resnets, cross, audio_in, c, count, sampler, name):
-            return Stage(name, resnets, [attn(c) for _ in range(count)] if cross else [],
-                         [audio(c, audio_in(j)) for j in range(count)] if cross and denoising else [],
-                         [motion(c) for _ in range(count)] if denoising else [], sampler)
-
-        down, cout = [], bo[0]
-        for i, c in enumerate(bo):
-            cin, cout = cout, c
-            resnets = [ResnetBlock(cin if j == 0 else c, c, temb, g, **dd) for j in range(layers)]
-            down.append(stage(resnets, i < n - 1, lambda j, i=i: bo[i - 1] if j == 0 and i > 0 else bo[i], c, layers,
-                              Downsample(c, **dd) if i < n - 1 else None, "down"))
-        self.down_blocks = nn.ModuleList(down)
-        self.mid_block = stage([ResnetBlock(bo[-1], bo[-1], temb, g, **dd) for _ in range(2)], True, lambda j: bo[-1],
-                               bo[-1], 1, None, "mid")
-        up, rev, prev = [], bo[::-1], bo[-1]
-        for i, c in enumerate(rev):
-            skip = rev[min(i + 1, n - 1)]
-            resnets = [ResnetBlock((prev if j == 0 else c) + (skip if j == layers else c), c, temb, g, **dd)
-                       for j in range(layers + 1)]
-            up.append(stage(resnets, i > 0, lambda j, i=i: bo[max(2 - i, 0)], c, layers + 1,
-                            Upsample(c, **dd) if i < n - 1 else None, "up"))
-            prev = c
-        self.up_blocks = nn.ModuleList(up)
+        dd = {"dtype": dtype, "device": device}
+        c0 = cfg.block_out_channels[0]
+        self.conv_in = operations.Conv2d(cfg.in_channels, c0, 3, padding=1, **dd)
+        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, operations=operations, **dd)
+        layout = unet_layout(cfg)
+        stage = partial(self._stage, denoising=denoising, operations=operations, **dd)
+        self.down_blocks = nn.ModuleList(stage(s) for s in layout["down_blocks"])
+        self.mid_block = stage(layout["mid_block"][0])
+        self.up_blocks = nn.ModuleList(stage(s) for s in layout["up_blocks"])
         if denoising:
-            self.conv_norm_out = operations.GroupNorm(g, bo[0], eps=1e-5, dtype=dtype, device=device)
-            self.conv_out = operations.Conv2d(bo[0], cfg.out_channels, 3, padding=1, dtype=dtype, device=device)
+            self.conv_norm_out = operations.GroupNorm(cfg.norm_num_groups, c0, eps=1e-5, **dd)
+            self.conv_out = operations.Conv2d(c0, cfg.out_channels, 3, padding=1, **dd)
+
+    def _stage(self, spec: StageLayout, denoising: bool, dtype, device, operations) -> Stage:
+        cfg, c = self.cfg, spec.channels
+        dd = {"dtype": dtype, "device": device, "operations": operations}
+        resnets = [ResnetBlock(cin, c, temb=cfg.time_embed_dim, groups=cfg.norm_num_groups, **dd)
+                   for cin in spec.resnet_inputs]
+        attentions = [SpatialTransformer(c, heads=cfg.heads, context_dim=cfg.cross_attention_dim,
+                                         groups=cfg.norm_num_groups, **dd) for _ in range(spec.attention_layers)]
+        # Upstream passes the head width `width // heads`, so the inner width is a multiple of the heads.
+        audio = [AudioModule(c, inner=cfg.heads * (width // cfg.heads), heads=cfg.heads, groups=cfg.norm_num_groups,
+                             audio_dim=cfg.audio_attention_dim, emo_dim=cfg.cross_attention_dim,
+                             token_dim=cfg.audio_token_dim, emo_head_dim=cfg.emotive_head_dim, **dd)
+                 for width in spec.audio_widths] if denoising else []
+        motion = [MotionModule(c, heads=cfg.motion_heads, max_len=cfg.motion_max_len, groups=cfg.motion_norm_groups,
+                               **dd) for _ in range(spec.motion_modules)] if denoising else []
+        sampler = (Downsample if spec.kind == "down" else Upsample)(c, **dd) if spec.sampler else None
+        return Stage(spec.kind, resnets, attentions, audio, motion, sampler)
 
     def _time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Embedding of timestep `t` (a scheduler's CPU tensor or one on x's device) in x's dtype and device."""
@@ -90,7 +122,8 @@ class _UNet(nn.Module):
 
 
 class ReferenceUNet(_UNet):
-    """2-D UNet run once per clip on the reference latents (timestep 0); only its features are used."""
+    """2-D UNet run once per clip on the reference latents (timestep 0); only its features are used (the
+    `write` mode of `ReferenceAttentionControl`, emocast/models/mutual_self_attention_text.py)."""
 
     def __init__(self, cfg: UNetConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__(cfg, denoising=False, dtype=dtype, device=device, operations=operations)
@@ -137,6 +170,9 @@ class ClipContext:
 
 
 class DenoisingUNet(_UNet):
+    """The 3-D denoising UNet with motion and audio modules; its spatial transformers read the reference
+    features (the `read` mode of `ReferenceAttentionControl`)."""
+
     def __init__(self, cfg: UNetConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__(cfg, denoising=True, dtype=dtype, device=device, operations=operations)
 
