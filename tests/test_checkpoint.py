@@ -28,6 +28,7 @@ from emocast_lib.checkpoint import (
 )
 from emocast_lib.config import NetConfig
 from emocast_lib.tiny import TINY_PACK_NET, filled_net
+from reference_config import read_net_config
 
 
 def manifest_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -293,7 +294,7 @@ def test_conversion_refuses_the_source_and_bad_outputs(tmp_path, tiny_path):
 # --- loading the network ---------------------------------------------------------------------------------
 
 def test_load_net_with_config(parity_dir, tiny_path, tiny_sd):
-    net = load_net(tiny_path, dtype=torch.float16, config=NetConfig.from_json(parity_dir / "tiny_config.json"))
+    net = load_net(tiny_path, dtype=torch.float16, config=read_net_config(parity_dir / "tiny_config.json"))
     loaded = net.state_dict()
     assert loaded.keys() == tiny_sd.keys() and not net.training
     assert all(loaded[k].dtype == torch.float16 and torch.equal(loaded[k], tiny_sd[k].half()) for k in loaded)

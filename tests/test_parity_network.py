@@ -4,6 +4,9 @@ Weights come from the fill rule (no real weights exist here); tolerances are the
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,12 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, fill_mismatches, manifest_shape, read_manifest
-from emocast_lib.config import LATENT_SCALE, REGIONS, NetConfig, SamplingConfig
+from emocast_lib.config import LATENT_SCALE, REGIONS, SamplingConfig
 from emocast_lib.fill import fill_state_dict
 from emocast_lib.models import ClipConditioning
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, iter_clips
 from emocast_lib.sampling import guide, make_scheduler
 from emocast_lib.tiny import TINY_NET, TINY_VAE, filled_net, filled_vae
+from reference_config import net_config
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, max_tol: float, rms_tol: float, what: str):
@@ -33,7 +37,7 @@ def cfg(parity_config) -> dict:
 
 @pytest.fixture(scope="module")
 def net(parity_dir, cfg):
-    return filled_net(NetConfig.from_dict(cfg), cfg["run"]["weight_seed"])
+    return filled_net(net_config(cfg), cfg["run"]["weight_seed"])
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,7 @@ def test_shipped_tiny_config_is_the_fixture_one():
     """The library's tiny sizes are those of the project's parity set (tests/fixtures), whichever set is
     selected, so the tiny model `make-tiny-models` writes is the checkable one."""
     cfg = json.loads((FIXTURES / "parity" / "tiny" / "tiny_config.json").read_text())
-    assert NetConfig.from_dict(cfg) == TINY_NET
+    assert net_config(cfg) == TINY_NET
     assert {k: v for k, v in cfg["vae_autoencoder_kl_config"].items() if k in TINY_VAE} == TINY_VAE
 
 
@@ -104,6 +108,25 @@ def _step_conditioning(s: dict[str, torch.Tensor]) -> ClipConditioning:
                             masks, tuple(d["motion_scale"].tolist()))
 
 
+# The sub-blocks the fixtures record: the UNet's input/output layers, every stage and every module of a stage.
+BLOCK = re.compile(r"conv_in|conv_norm_out|conv_out|(mid_block|(down|up)_blocks\.\d+)"
+                   r"(\.(resnets|attentions|audio_modules|motion_modules|downsamplers|upsamplers)\.\d+)?")
+
+
+@contextmanager
+def recorded_blocks(unet: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Output of every sub-block run inside the `with`, by module name (forward hooks). `conv_in` is the
+    convolution alone, before the face-locator features are added."""
+    trace: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_hook(lambda m, args, out, name=name: trace.__setitem__(name, out))
+               for name, module in unet.named_modules() if BLOCK.fullmatch(name)]
+    try:
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_parity_unet_step(parity_dir, net):
     s = load(parity_dir, "unet_step.safetensors")
     inter = load(parity_dir, "unet_step_intermediates.safetensors")
@@ -112,8 +135,8 @@ def test_parity_unet_step(parity_dir, net):
         for key, value in bank.items():
             assert_close(value, s[f"reference_bank.{key}.transformer_blocks.0"], 1e-4, 1e-5, f"reference bank {key}")
         ctx = net.denoising_unet.prepare(_step_conditioning(s), bank)
-        trace: dict[str, torch.Tensor] = {}
-        out = net.denoising_unet(s["denoising_unet.sample"], s["denoising_unet.timestep"], ctx, trace)
+        with recorded_blocks(net.denoising_unet) as trace:
+            out = net.denoising_unet(s["denoising_unet.sample"], s["denoising_unet.timestep"], ctx)
     # Localise a divergence first: every executed sub-block, in call order (scaled tolerance: the
     # stages are not unit scale; the fp16 reference bank sets the floor).
     order = json.loads(load_meta(parity_dir / "unet_step_intermediates.safetensors")["call_order"])
