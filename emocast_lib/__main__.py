@@ -11,8 +11,10 @@ DEFAULT_EMOTION = "The portrait is watching a horror movie with jump scares."
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="portrait + speech + emotion text -> talking-portrait mp4 with the sound")
-    p.add_argument("--image", type=Path, default=EXAMPLES / "emocast_portrait.png", help="portrait image (any size; square works best)")
-    p.add_argument("--audio", type=Path, default=EXAMPLES / "emocast_speech.wav", help="speech audio file (wav/flac/ogg)")
+    p.add_argument("--image", type=Path, default=EXAMPLES / "emocast_portrait.png",
+                   help="portrait image (any size; square works best)")
+    p.add_argument("--audio", type=Path, default=EXAMPLES / "emocast_speech.wav",
+                   help="speech audio file (wav/flac/ogg)")
     p.add_argument("--emotion", default=DEFAULT_EMOTION, help="free-text emotion prompt (CLIP, at most 75 tokens)")
     p.add_argument("--models", type=Path, default=Path("models"), help="ComfyUI-style models folder (see README)")
     p.add_argument("--out", type=Path, default=Path("out.mp4"), help="output mp4 (H.264 + AAC)")

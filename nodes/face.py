@@ -8,7 +8,8 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from emocast_lib import face as face_lib, layout
+from emocast_lib import face as face_lib
+from emocast_lib import layout
 
 from . import paths
 from .convert import frames_to_image, mask_from_u8, single_image, to_uint8

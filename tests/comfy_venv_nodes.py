@@ -51,6 +51,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
+
 from packimport import pack_module  # noqa: E402
 
 # importing the pack copies the example inputs into ComfyUI's input folder: a throwaway one here
@@ -61,6 +62,7 @@ ext = pack_module("extension")  # also puts emocast_lib on sys.path, as the pack
 from emocast_lib import layout  # noqa: E402
 from emocast_lib.config import DEFAULT_EMOTION  # noqa: E402
 from emocast_lib.face import PortraitCrop, crop_portrait, feather_mask  # noqa: E402
+
 nodes_audio, nodes_emotion, nodes_face = pack_module("audio"), pack_module("emotion"), pack_module("face")
 nodes_loaders, nodes_sampler, types = pack_module("loaders"), pack_module("sampler"), pack_module("types")
 STEPS = 3
