@@ -15,6 +15,7 @@ import torch
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
+from emocast_lib.checkpoint import STEPS_KEY
 from emocast_lib.config import SamplingConfig
 from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
@@ -69,8 +70,10 @@ class Sampler(io.ComfyNode):
                                                             "fps."),
                 EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
                                                         "Schedule."),
-                io.Int.Input("steps", default=40, min=1, max=200,
-                             tooltip="Denoising steps per clip (40 in the original)."),
+                io.Int.Input("steps", default=0, min=0, max=200,
+                             tooltip="Denoising steps per clip. 0: the count the checkpoint declares, else 40 as "
+                                     "the original (the released EmoCAST declares none: 40; the tiny test "
+                                     "models declare 4)."),
                 io.Float.Input("cfg", default=3.5, min=0.0, max=20.0, step=0.1, round=0.01,
                                tooltip="Guidance scale (3.5 in the original); 1 disables the guidance effect."),
                 io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -94,7 +97,10 @@ class Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
-                cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float) -> io.NodeOutput:
+                cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
+                portrait: torch.Tensor | None = None) -> io.NodeOutput:
+        # `portrait`: the input before 0.2.0, still linked in workflows saved then (ComfyUI passes it on);
+        # unused, the portrait comes with `face`, so those workflows keep running.
         frames, latents = [], []
         for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
                                  (pose_weight, face_weight, lip_weight)):
@@ -128,7 +134,8 @@ class SamplerToVideo(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
                 cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
-                filename_prefix: str) -> io.NodeOutput:
+                filename_prefix: str, portrait: torch.Tensor | None = None) -> io.NodeOutput:
+        # `portrait`: the removed input of workflows saved before 0.2.0 (see Sampler.execute), unused
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
         file = f"{name}_{counter:05}_.mp4"
@@ -171,6 +178,8 @@ def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: 
     except ValueError as e:
         raise EmoCASTInputError(f"face: {e}") from e
     audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
+    # 0 steps: the count EmoCAST Model Loader found declared in the checkpoint (kept in the model's options)
+    steps = steps or model.model_options.get(STEPS_KEY) or SamplingConfig.steps
     settings = SamplingConfig(steps=steps, cfg_scale=cfg, frames_per_clip=emocast_audio.clip_length,
                               fps=emocast_audio.fps, motion_scale=weights, seed=seed)
     cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
