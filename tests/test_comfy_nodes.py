@@ -1,5 +1,5 @@
-"""Runs tests/test_nodes_comfy.py (the nodes with ComfyUI's own objects, cancel, determinism, error
-messages) under the ComfyUI venv's python, from the normal test suite."""
+"""Runs tests/test_nodes_comfy*.py (the nodes with ComfyUI's own objects, cancel, determinism, error
+messages, core's audio encoder, partial loading) under the ComfyUI venv's python, from the normal test suite."""
 from __future__ import annotations
 
 import os
@@ -20,7 +20,8 @@ def test_nodes_in_comfyui_venv():
     has_pytest = subprocess.run([str(PYTHON), "-c", "import pytest"], capture_output=True).returncode == 0
     if not has_pytest:
         pytest.skip(f"pytest is not installed in {COMFY_VENV}: `{PYTHON} -m pip install pytest`")
-    proc = subprocess.run([str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_nodes_comfy.py"],
+    files = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("tests/test_nodes_comfy*.py"))
+    proc = subprocess.run([str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
