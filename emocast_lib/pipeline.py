@@ -85,13 +85,15 @@ def _per_frame(cond: torch.Tensor, frames: int) -> torch.Tensor:
 def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindows, emotion: Emotion,
                settings: SamplingConfig = SamplingConfig(), on_step: OnStep | None = None,
                should_stop: ShouldStop | None = None, noise: Callable[[int], torch.Tensor] | None = None,
-               ) -> Iterator[ClipResult]:
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Iterator[ClipResult]:
     """Generate the video clip by clip; memory does not grow with the audio length.
 
     `noise(clip)` may supply each clip's initial latents; by default one CPU generator seeded with
-    `settings.seed` draws them in turn, as the released script does with its global generator."""
+    `settings.seed` draws them in turn, as the released script does with its global generator.
+    The network computes on `device` in `dtype`, by default those of its weights (casting layers,
+    e.g. ComfyUI's, may keep their weights elsewhere and in another dtype)."""
     p = next(net.parameters())
-    device, dtype = p.device, p.dtype
+    device, dtype = torch.device(device or p.device), dtype or p.dtype
     f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
     total = audio.windows.shape[0]
     if total % f:

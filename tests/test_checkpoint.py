@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_config import read_net_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -273,7 +274,7 @@ def test_conversion_refuses_the_source_and_bad_outputs(tmp_path, tiny_path):
 # --- loading the network ---------------------------------------------------------------------------------
 
 def test_load_net_with_config(parity_dir, tiny_path, tiny_sd):
-    net = load_net(tiny_path, dtype=torch.float16, config=NetConfig.from_json(parity_dir / "tiny_config.json"))
+    net = load_net(tiny_path, dtype=torch.float16, config=read_net_config(parity_dir / "tiny_config.json"))
     loaded = net.state_dict()
     assert loaded.keys() == tiny_sd.keys() and not net.training
     assert all(loaded[k].dtype == torch.float16 and torch.equal(loaded[k], tiny_sd[k].half()) for k in loaded)

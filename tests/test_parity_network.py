@@ -4,13 +4,17 @@ Weights come from the fill rule (no real weights exist here); tolerances are the
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from reference_config import net_config
 from safetensors.torch import load_file
 
-from emocast_lib.config import NetConfig, SamplingConfig
+from emocast_lib.config import SamplingConfig
 from emocast_lib.fill import fill_tensor, tensor_sha256
 from emocast_lib.models import ClipConditioning
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, iter_clips
@@ -38,7 +42,7 @@ def cfg(parity_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def net(parity_dir, cfg):
-    return filled_net(NetConfig.from_dict(cfg), cfg["run"]["weight_seed"])
+    return filled_net(net_config(cfg), cfg["run"]["weight_seed"])
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def test_shipped_tiny_config_is_the_shared_fixture_one():
     from conftest import SHARED
 
     cfg = json.loads((SHARED / "parity" / "tiny" / "tiny_config.json").read_text())
-    assert NetConfig.from_dict(cfg) == TINY_NET
+    assert net_config(cfg) == TINY_NET
     assert {k: v for k, v in cfg["vae_autoencoder_kl_config"].items() if k in TINY_VAE} == TINY_VAE
 
 
@@ -109,6 +113,25 @@ def _step_conditioning(s: dict[str, torch.Tensor]) -> ClipConditioning:
                             masks, tuple(d["motion_scale"].tolist()))
 
 
+# The sub-blocks the fixtures record: the UNet's input/output layers, every stage and every module of a stage.
+BLOCK = re.compile(r"conv_in|conv_norm_out|conv_out|(mid_block|(down|up)_blocks\.\d+)"
+                   r"(\.(resnets|attentions|audio_modules|motion_modules|downsamplers|upsamplers)\.\d+)?")
+
+
+@contextmanager
+def recorded_blocks(unet: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Output of every sub-block run inside the `with`, by module name (forward hooks). `conv_in` is the
+    convolution alone, before the face-locator features are added."""
+    trace: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_hook(lambda m, args, out, name=name: trace.__setitem__(name, out))
+               for name, module in unet.named_modules() if BLOCK.fullmatch(name)]
+    try:
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_parity_unet_step(parity_dir, net):
     s = load(parity_dir, "unet_step.safetensors")
     inter = load(parity_dir, "unet_step_intermediates.safetensors")
@@ -117,8 +140,8 @@ def test_parity_unet_step(parity_dir, net):
         for key, value in bank.items():
             assert_close(value, s[f"reference_bank.{key}.transformer_blocks.0"], 1e-4, 1e-5, f"reference bank {key}")
         ctx = net.denoising_unet.prepare(_step_conditioning(s), bank)
-        trace: dict[str, torch.Tensor] = {}
-        out = net.denoising_unet(s["denoising_unet.sample"], s["denoising_unet.timestep"], ctx, trace)
+        with recorded_blocks(net.denoising_unet) as trace:
+            out = net.denoising_unet(s["denoising_unet.sample"], s["denoising_unet.timestep"], ctx)
     # Localise a divergence first: every executed sub-block, in call order (scaled tolerance: the
     # stages are not unit scale; the fp16 reference bank sets the floor).
     order = json.loads(load_meta(parity_dir / "unet_step_intermediates.safetensors")["call_order"])
