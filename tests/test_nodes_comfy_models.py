@@ -1,6 +1,8 @@
 """The pack's models inside a real ComfyUI, with ComfyUI's own objects: core's wav2vec2 (Load Audio Encoder's
-AUDIO_ENCODER) driven by EmoCAST Audio Encode against the reference features. Runs in the ComfyUI venv with
-COMFY_DIR set, as tests/test_nodes_comfy.py (tests/test_comfy_nodes.py launches both); skipped otherwise.
+AUDIO_ENCODER) driven by EmoCAST Audio Encode against the reference features; the EmoCAST network built from
+ComfyUI's casting layers, partially loaded by ComfyUI's patcher, and run in bf16/fp16. On tiny stand-in models
+(`make-tiny-models`, NOT a real model). Runs in the ComfyUI venv with COMFY_DIR set, as tests/test_nodes_comfy.py
+(tests/test_comfy_nodes.py launches both); skipped otherwise.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-# Importing it skips this module where ComfyUI is not importable; its fixture runs nodes as ComfyUI's executor does.
-from test_nodes_comfy import comfy_executor  # noqa: F401
+# Importing it skips this module where ComfyUI is not importable; comfy_executor runs every node under
+# inference mode as ComfyUI's executor does; `inputs` are what the shipped workflow feeds the sampler.
+from test_nodes_comfy import comfy_executor, inputs, models  # noqa: F401
 
 import comfy.model_management as mm  # noqa: E402
 from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model as CoreWav2Vec2Model  # noqa: E402
@@ -23,7 +26,8 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from emocast_lib import audio as audio_lib  # noqa: E402
 
-nodes_audio, types = pack_module("audio"), pack_module("types")
+nodes_audio, nodes_loaders, types = pack_module("audio"), pack_module("loaders"), pack_module("types")
+nodes_sampler = pack_module("sampler")
 
 
 def speech_cases(audio_dir: Path) -> list[str]:
@@ -107,3 +111,47 @@ def test_audio_encode_refuses_other_audio_encoders():
     with pytest.raises(types.EmoCASTInputError, match="audio_encoder: is a large .*wav2vec2-base-960h"):
         nodes_audio.AudioEncode.execute({"waveform": torch.zeros(1, 1, 16000), "sample_rate": 16000},
                                         SimpleNamespace(model=large, patcher=None, load_device=None), 25, 16)
+
+
+def with_free_gpu_memory(model, budget: int, monkeypatch) -> None:
+    """Stand-in for a GPU with `budget` bytes free (none here): when the sampler asks ComfyUI to load `model`,
+    ComfyUI's own per-model load runs with that budget, as load_models_gpu does once it has measured the free
+    VRAM (on a CPU device ComfyUI always loads whole). Other models load as usual."""
+    real = mm.load_models_gpu
+
+    def load_models_gpu(models, *args, **kwargs):
+        if list(models) != [model]:
+            return real(models, *args, **kwargs)
+        loaded = mm.LoadedModel(model)
+        loaded.model_load(lowvram_model_memory=budget)
+        mm.current_loaded_models.insert(0, loaded)
+
+    monkeypatch.setattr(mm, "load_models_gpu", load_models_gpu)
+
+
+def test_partial_load_keeps_weights_offloaded_and_makes_the_same_clip(inputs, monkeypatch):
+    model = inputs["model"]
+    mm.unload_all_models()
+    full = nodes_sampler.Sampler.execute(**inputs)[0]
+    assert model.loaded_size() == model.model_size()
+    mm.unload_all_models()
+
+    budget = model.model_size() // 3
+    with_free_gpu_memory(model, budget, monkeypatch)
+    partial = nodes_sampler.Sampler.execute(**inputs)[0]
+    try:
+        net = model.model
+        assert net.model_lowvram and 0 < model.loaded_size() <= budget < model.model_size()
+        layers = {n: m for n, m in net.named_modules() if hasattr(m, "comfy_cast_weights")}
+        # offloaded: layers whose weights ComfyUI left where they were, cast onto the load device per call
+        offloaded = [n for n, m in layers.items() if hasattr(m, "prev_comfy_cast_weights")]
+        loaded = [n for n, m in layers.items() if getattr(m, "comfy_patched_weights", False)]
+        assert offloaded and loaded and not set(offloaded) & set(loaded)
+        # every weight either was loaded or is cast on use: none would be left behind on another device
+        holders = {n for n, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))}
+        assert holders == set(offloaded) | set(loaded)
+        size = {n: sum(p.numel() * p.element_size() for p in layers[n].parameters()) for n in layers}
+        assert sum(size[n] for n in loaded) == model.loaded_size()
+    finally:
+        mm.unload_all_models()
+    assert (partial - full).abs().max() <= 1e-5  # fp32; measured: 0
