@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-# Importing it skips this module where ComfyUI is not importable; comfy_executor runs every node under
-# inference mode as ComfyUI's executor does; `inputs` are what the shipped workflow feeds the sampler.
-from test_nodes_comfy import comfy_executor, inputs, models  # noqa: F401
+# Importing it skips this module where ComfyUI is not importable. Its fixtures: comfy_executor runs every node
+# under inference mode as ComfyUI's executor does; `inputs` are what the shipped workflow feeds the sampler.
+import test_nodes_comfy  # noqa: I001
 
 import comfy.model_management as mm  # noqa: E402
 from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model as CoreWav2Vec2Model  # noqa: E402
@@ -28,6 +28,7 @@ from emocast_lib import audio as audio_lib  # noqa: E402
 
 nodes_audio, nodes_loaders, types = pack_module("audio"), pack_module("loaders"), pack_module("types")
 nodes_sampler = pack_module("sampler")
+comfy_executor, models, inputs = test_nodes_comfy.comfy_executor, test_nodes_comfy.models, test_nodes_comfy.inputs
 
 
 def speech_cases(audio_dir: Path) -> list[str]:
@@ -119,9 +120,9 @@ def with_free_gpu_memory(model, budget: int, monkeypatch) -> None:
     VRAM (on a CPU device ComfyUI always loads whole). Other models load as usual."""
     real = mm.load_models_gpu
 
-    def load_models_gpu(models, *args, **kwargs):
-        if list(models) != [model]:
-            return real(models, *args, **kwargs)
+    def load_models_gpu(patchers, *args, **kwargs):
+        if list(patchers) != [model]:
+            return real(patchers, *args, **kwargs)
         loaded = mm.LoadedModel(model)
         loaded.model_load(lowvram_model_memory=budget)
         mm.current_loaded_models.insert(0, loaded)
