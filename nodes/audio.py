@@ -10,7 +10,8 @@ import soundfile
 import torch
 from comfy_api.latest import io, ui
 
-from emocast_lib import audio as audio_lib, layout
+from emocast_lib import audio as audio_lib
+from emocast_lib import layout
 
 from . import paths
 from .convert import audio_mono, fit_audio

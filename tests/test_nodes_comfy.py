@@ -50,14 +50,14 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 from comfy_audio_encoder import core_audio_encoder  # noqa: E402
+
 from packimport import pack_module  # noqa: E402
-
-from emocast_lib import layout  # noqa: E402
-
 
 ext = pack_module("extension")
 nodes_audio, nodes_emotion, nodes_face = pack_module("audio"), pack_module("emotion"), pack_module("face")
 nodes_loaders, nodes_sampler, types = pack_module("loaders"), pack_module("sampler"), pack_module("types")
+from emocast_lib import layout  # after packimport, which puts the pack on sys.path (also when run as a script)
+
 STEPS = 3
 SECONDS = 0.4  # 10 frames at 25 fps: one 16-frame clip
 

@@ -11,24 +11,25 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import test_nodes_comfy
 import torch
 
-# Importing it skips this module where ComfyUI is not importable. Its fixtures: comfy_executor runs every node
-# under inference mode as ComfyUI's executor does; `inputs` are what the shipped workflow feeds the sampler.
-import test_nodes_comfy  # noqa: I001
+# Importing test_nodes_comfy puts ComfyUI on sys.path, or skips this module where it is not importable. Its
+# fixtures: comfy_executor runs every node under inference mode as ComfyUI's executor does; `inputs` are what the
+# shipped workflow feeds the sampler.
+comfy_executor, models, inputs = test_nodes_comfy.comfy_executor, test_nodes_comfy.models, test_nodes_comfy.inputs
 
-import comfy.model_management as mm  # noqa: E402
-from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model as CoreWav2Vec2Model  # noqa: E402
-from comfy.cli_args import args  # noqa: E402
-from comfy_audio_encoder import core_audio_encoder  # noqa: E402
-from packimport import pack_module  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
+import comfy.model_management as mm
+from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model as CoreWav2Vec2Model
+from comfy.cli_args import args
+from comfy_audio_encoder import core_audio_encoder
+from safetensors.numpy import load_file
 
-from emocast_lib import audio as audio_lib  # noqa: E402
+from emocast_lib import audio as audio_lib
+from packimport import pack_module
 
 nodes_audio, nodes_loaders, types = pack_module("audio"), pack_module("loaders"), pack_module("types")
 nodes_sampler = pack_module("sampler")
-comfy_executor, models, inputs = test_nodes_comfy.comfy_executor, test_nodes_comfy.models, test_nodes_comfy.inputs
 
 
 def speech_cases(audio_dir: Path) -> list[str]:
