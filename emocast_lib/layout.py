@@ -32,9 +32,9 @@ FACE_DIR = "face_analysis/models"  # inside models/emocast: the InsightFace file
 
 NET = ModelFile("emocast", "net.pth", f"{_HF}/Jmaomao/EmoCAST/resolve/main/net.pth",
                 "EmoCAST network (both UNets, face locator, image and audio projections)")
-WAV2VEC = ModelFile("emocast", "wav2vec/wav2vec2-base-960h",
-                    f"{_HF}/facebook/wav2vec2-base-960h (config.json, model.safetensors, preprocessor_config.json)",
-                    "wav2vec2-base-960h audio encoder folder")
+WAV2VEC = ModelFile("audio_encoders", "wav2vec2-base-960h.safetensors",
+                    f"{_HF}/facebook/wav2vec2-base-960h/resolve/main/model.safetensors",
+                    "wav2vec2-base-960h speech encoder (facebook's model.safetensors, saved under this name)")
 FACE_DETECTOR = ModelFile("emocast", f"{FACE_DIR}/scrfd_10g_bnkps.onnx", f"{_HALLO_FACE}/scrfd_10g_bnkps.onnx",
                           "InsightFace face detector (SCRFD, antelopev2)")
 FACE_RECOGNIZER = ModelFile("emocast", f"{FACE_DIR}/glintr100.onnx", f"{_HALLO_FACE}/glintr100.onnx",

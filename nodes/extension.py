@@ -8,11 +8,11 @@ from . import examples, paths
 from .audio import AudioEncode, VocalSeparator
 from .emotion import EmotionEncode, EmotionSchedule
 from .face import CropPortrait, FaceAnalysis, PasteBack
-from .loaders import AudioEncoderLoader, ModelLoader
+from .loaders import ModelLoader
 from .sampler import Sampler, SamplerToVideo
 
 paths.register()
 examples.install_inputs()
 
-NODES: list[type[io.ComfyNode]] = [ModelLoader, AudioEncoderLoader, VocalSeparator, AudioEncode, EmotionEncode,
-                                   EmotionSchedule, FaceAnalysis, CropPortrait, PasteBack, Sampler, SamplerToVideo]
+NODES: list[type[io.ComfyNode]] = [ModelLoader, VocalSeparator, AudioEncode, EmotionEncode, EmotionSchedule,
+                                   FaceAnalysis, CropPortrait, PasteBack, Sampler, SamplerToVideo]

@@ -3,7 +3,6 @@ object is named after its type, so none shadows an `io.*` socket or a library cl
 from comfy_api.latest import io
 
 EmoCASTModel = io.Custom("EMOCAST_MODEL")
-EmoCASTAudioEncoder = io.Custom("EMOCAST_AUDIO_ENCODER")
 EmoCASTAudio = io.Custom("EMOCAST_AUDIO")
 EmoCASTEmotion = io.Custom("EMOCAST_EMOTION")
 EmoCASTFace = io.Custom("EMOCAST_FACE")

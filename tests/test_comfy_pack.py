@@ -31,9 +31,9 @@ pytestmark = pytest.mark.skipif(
 
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 INPUTS = ROOT / "example_workflows" / "inputs"
-EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTAudioEncoderLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEncode",
-                 "EmoCASTEmotionEncode", "EmoCASTEmotionSchedule", "EmoCASTFaceAnalysis", "EmoCASTCropPortrait",
-                 "EmoCASTPasteBack", "EmoCASTSampler", "EmoCASTSamplerToVideo"}
+EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEncode", "EmoCASTEmotionEncode",
+                 "EmoCASTEmotionSchedule", "EmoCASTFaceAnalysis", "EmoCASTCropPortrait", "EmoCASTPasteBack",
+                 "EmoCASTSampler", "EmoCASTSamplerToVideo"}
 
 
 def harness(*args: str, timeout: float = 600) -> dict:
@@ -71,8 +71,7 @@ def test_pack_imports_and_every_node_has_tooltips():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{key} has no tooltip"
         assert len(node["output_tooltips"]) == len(node["output"]) and all(node["output_tooltips"]), name
     custom = {t for node in EMOCAST_NODES for t in info[node]["output"] if t.startswith("EMOCAST_")}
-    assert custom == {"EMOCAST_MODEL", "EMOCAST_AUDIO_ENCODER", "EMOCAST_AUDIO", "EMOCAST_EMOTION", "EMOCAST_FACE",
-                      "EMOCAST_CROP_INFO"}
+    assert custom == {"EMOCAST_MODEL", "EMOCAST_AUDIO", "EMOCAST_EMOTION", "EMOCAST_FACE", "EMOCAST_CROP_INFO"}
 
 
 def _mp4_streams(path: Path) -> dict:
