@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import comfy_venv_nodes
 import numpy as np
 import pytest
-import comfy_venv_nodes
 import torch
 
 # Importing comfy_venv_nodes puts ComfyUI on sys.path, or skips this module where it is not importable. Its
