@@ -277,16 +277,16 @@ def separate_vocals(audio_path: str | Path, model_dir: str | Path, output_dir: s
             f"vocal separation needs {', '.join(missing)} in {model_dir}. On a machine with internet run "
             f"`audio-separator --download_model_only -m {SEPARATOR_MODEL} --model_file_dir <folder>` and copy "
             f"all four files ({', '.join(SEPARATOR_FILES)}) there, or disable vocal separation")
-    if shutil.which("ffmpeg") is None:
-        raise FileNotFoundError("vocal separation needs the ffmpeg program on PATH (audio-separator refuses to start "
-                                "without it): install ffmpeg (https://ffmpeg.org/download.html), or disable vocal "
-                                "separation")
     try:
         from audio_separator.separator import Separator
     except ImportError as e:
         raise ImportError(
             "vocal separation needs the optional package audio-separator: "
             "`pip install \"audio-separator[cpu]\"` (or `[gpu]`), or disable vocal separation") from e
+    if shutil.which("ffmpeg") is None:
+        raise FileNotFoundError("vocal separation needs the ffmpeg program on PATH (audio-separator refuses to start "
+                                "without it): install ffmpeg (https://ffmpeg.org/download.html), or disable vocal "
+                                "separation")
     output_dir.mkdir(parents=True, exist_ok=True)
     separator = Separator(output_dir=str(output_dir), output_single_stem="vocals",
                           model_file_dir=str(model_dir), output_format="WAV")
