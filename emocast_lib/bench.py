@@ -1,4 +1,5 @@
-"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1]`.
+"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1]`;
+on a GPU: `python -m emocast_lib.bench --device cuda --dtype fp16 --config gpu512 [--steps 4]`.
 
 Models are built from the fixtures' fill rule (weights do not change the cost); inputs are random
 tensors of the shapes the preprocessing produces. Each configuration (and each clip count of `long`)
@@ -8,7 +9,9 @@ The stages are timed inside the real `iter_clips`: it is handed stand-ins for th
 that pass everything through to the real modules and time each call (projections, face locator,
 reference UNet, `prepare`, every denoising-UNet call, VAE encode/decode). Whatever a clip costs
 outside those calls (guidance, scheduler, concatenations) is reported as `other`, so the stages
-always add up to the measured seconds per clip.
+always add up to the measured seconds per clip. On CUDA every timed call is synchronised at both ends,
+so the stages hold the GPU time of their kernels, and the peak VRAM is `torch.cuda.max_memory_allocated`
+after the model build (weights) and while generating.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import REGIONS, SD_VAE, NetConfig, SamplingConfig
+from .config import PRECISIONS, REGIONS, SD_VAE, NetConfig, SamplingConfig
 from .models import EmoCASTNet
 from .pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
 from .tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
@@ -54,6 +57,8 @@ CONFIGS = {
     "real64": BenchConfig("real64", "real", 64, 4, 2),
     "real256": BenchConfig("real256", "real", 256, 4, 2),
     "long": BenchConfig("long", "tiny", 128, 4, 3, clips=(1, 4, 16)),
+    # The released inference settings (512 px, 16-frame clips, 2 motion frames, 40 steps, CFG): for a GPU.
+    "gpu512": BenchConfig("gpu512", "real", 512, 16, 40),
 }
 # The released reference on this project's machine, 1 thread (fixtures/parity/README.md §8).
 REFERENCE = {
@@ -68,9 +73,11 @@ STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", *CONDI
 
 
 class Stopwatch:
-    """Wall and CPU seconds per stage name: totals, and the wall time of every call."""
+    """Wall and CPU seconds per stage name: totals, and the wall time of every call. `sync` (e.g.
+    `torch.cuda.synchronize`) runs at both ends of every call, so asynchronous device work is counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self.sync = sync
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, list[float]] = defaultdict(list)
@@ -78,10 +85,12 @@ class Stopwatch:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.sync()
         w, c = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
+            self.sync()
             self.calls[name].append(time.perf_counter() - w)
             self.calls_cpu[name].append(time.process_time() - c)
             self.wall[name] += self.calls[name][-1]
@@ -168,7 +177,8 @@ def hwm_bytes() -> int | None:
 def machine_info() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "mkldnn": torch.backends.mkldnn.is_available(), "load_average": os.getloadavg()}
+            "mkldnn": torch.backends.mkldnn.is_available(), "load_average": os.getloadavg(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def code_version() -> str | None:
@@ -185,11 +195,20 @@ def code_version() -> str | None:
 
 # ----------------------------------------------------------------------------------------------- models
 
-def build_models(model: str) -> tuple[EmoCASTNet, Vae, str]:
+def build_models(model: str, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32) -> tuple[EmoCASTNet, Vae, str]:
+    """The network and the VAE, filled on the CPU and then moved to `device` in `dtype`."""
     if model == "tiny":
-        return filled_net(TINY_NET, TINY_SEED), diffusers_vae(filled_vae(TINY_VAE, TINY_SEED)), "fill rule, seed 1001"
-    return (filled_net(NetConfig(), TINY_SEED), diffusers_vae(filled_vae(SD_VAE, TINY_SEED)),
-            "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE")
+        net, vae, weights = filled_net(TINY_NET, TINY_SEED), filled_vae(TINY_VAE, TINY_SEED), "fill rule, seed 1001"
+    else:
+        net, vae = filled_net(NetConfig(), TINY_SEED), filled_vae(SD_VAE, TINY_SEED)
+        weights = "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE"
+    return net.to(device, dtype), diffusers_vae(vae.to(device, dtype)), weights
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 @dataclass
@@ -215,10 +234,11 @@ def make_inputs(cfg: NetConfig, size: int, frames: int, clips: int, seed: int = 
 
 # ----------------------------------------------------------------------------------------------- timing
 
-def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> list[dict[str, Any]]:
+def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig,
+               sync: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """The real generator, consumed and dropped clip by clip: per clip seconds (wall, CPU), seconds per
     stage, the denoising-UNet call of every step, and RSS after the clip."""
-    sw = Stopwatch()
+    sw = Stopwatch(sync)
     clips = []
     wall, cpu = time.perf_counter(), time.process_time()
     seen: dict[str, float] = {}
@@ -308,26 +328,36 @@ def profiles(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -
 
 # ----------------------------------------------------------------------------------------------- child
 
-def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool) -> dict[str, Any]:
+def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool, device: str = "cpu",
+              dtype: str = "fp32") -> dict[str, Any]:
     torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     rss_start = rss_bytes()
     t0 = time.perf_counter()
-    net, vae, weights = build_models(bc.model)
+    net, vae, weights = build_models(bc.model, dev, PRECISIONS[dtype])
     build = time.perf_counter() - t0
     rss_built = rss_bytes()
     settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
     inp = make_inputs(net.config, bc.size, bc.frames, clips)
     build_peak = peak_rss_bytes()
     hwm_reset = reset_peak_rss()
+    if cuda:
+        vram_built = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     done = []
     for r in range(runs):
-        done.append(time_clips(net, vae, inp, settings))
+        done.append(time_clips(net, vae, inp, settings, device_sync(dev)))
         print(f"[bench] {bc.name} x{clips} run {r + 1}/{runs}: {[round(c['total'], 2) for c in done[-1]]} s/clip",
               file=sys.stderr, flush=True)
     out = {"config": asdict(bc) | {"clips": clips}, "threads": torch.get_num_threads(), "runs": done,
            "weights": weights, "build_s": build, "net_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
            "rss_start": rss_start, "rss_built": rss_built, "peak_rss": peak_rss_bytes(), "peak_rss_build": build_peak,
-           "peak_rss_inference": hwm_bytes() if hwm_reset else None}
+           "peak_rss_inference": hwm_bytes() if hwm_reset else None, "device": str(dev), "dtype": dtype,
+           "fps": settings.fps, "motion_frames": settings.motion_frames}
+    if cuda:
+        out |= {"gpu": torch.cuda.get_device_name(dev), "vram_built": vram_built,
+                "peak_vram": torch.cuda.max_memory_allocated(dev)}
     if profile:  # after the peak-RSS reading: the profiler's own memory is not the pipeline's
         out["profile"] = profiles(net, vae, inp, settings)
     return out
@@ -351,20 +381,26 @@ def summarize(child: dict[str, Any]) -> dict[str, Any]:
          "peak_rss_inference_gb": child["peak_rss_inference"] / GB if child.get("peak_rss_inference") else None,
          "rss_start_gb": (child["rss_start"] or 0) / GB, "rss_built_gb": (child["rss_built"] or 0) / GB,
          "build_s": child["build_s"],
+         # A clip shows frames / fps seconds of video.
+         "seconds_per_video_second": _mm([c["total"] * child["fps"] / c["frames"] for c in clips]),
+         "vram_built_gb": child["vram_built"] / GB if "vram_built" in child else None,
+         "peak_vram_gb": child["peak_vram"] / GB if "peak_vram" in child else None,
          "per_clip_seconds_last_run": [c["total"] for c in child["runs"][-1]],
          "rss_after_clip_gb": [c["rss"] / GB for c in child["runs"][-1] if c["rss"] is not None]}
     name = child["config"]["name"]
-    if name in REFERENCE and child["threads"] == 1 and child["config"] == asdict(CONFIGS[name]) | {"clips": 1}:
+    same_run = child["config"] == asdict(CONFIGS[name]) | {"clips": 1} and child["threads"] == 1
+    if name in REFERENCE and same_run and (child["device"], child["dtype"]) == ("cpu", "fp32"):
         s["reference"] = REFERENCE[name]
         s["speedup_vs_reference"] = REFERENCE[name]["s_per_clip"] / s["seconds_per_clip"]["min"]
     return s
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    cols = [("config", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"), ("thr", 4, "d"),
-            ("time", 5, "s"), ("s/clip", 8, ".3f"), ("refUNet", 8, ".3f"), ("step", 7, ".3f"), ("steps", 7, ".3f"),
-            ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"), ("other", 7, ".3f"), ("peakGB", 7, ".2f"),
-            ("infGB", 6, ".2f"), ("netGB", 6, ".2f"), ("vs ref", 7, "s")]
+    cols = [("config", 10, "s"), ("on", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"),
+            ("thr", 4, "d"), ("time", 5, "s"), ("s/clip", 8, ".3f"), ("s/vsec", 8, ".3f"), ("refUNet", 8, ".3f"),
+            ("step", 7, ".3f"), ("steps", 7, ".3f"), ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"),
+            ("other", 7, ".3f"), ("peakGB", 7, ".2f"), ("infGB", 6, ".2f"), ("netGB", 6, ".2f"), ("VRAM", 6, ".2f"),
+            ("vs ref", 7, "s")]
     lines = ["".join(f"{n:>{w}}" if i else f"{n:<{w}}" for i, (n, w, _) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
     for r in results:
@@ -373,16 +409,20 @@ def table(results: list[dict[str, Any]]) -> str:
                                                    ("cpu", "cpu_seconds_per_clip", "stages_cpu", "step_cpu", "median")):
             st = {k: v[stat] for k, v in s[stages].items()}
             ratio = f"{s['speedup_vs_reference']:.2f}x" if kind == "wall" and "speedup_vs_reference" in s else ""
-            row = [c["name"], c["size"], c["frames"], c["steps"], c["clips"], r["threads"], kind, s[per_clip][stat],
-                   st["reference_unet"], s[step][stat], st["denoising_unet"], st["vae_encode"], st["vae_decode"],
-                   st["conditioning"], st["other"], s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"),
-                   s["net_gb"], ratio]
+            per_vsec = s[per_clip][stat] * r["fps"] / c["frames"]
+            row = [c["name"], f"{r['device']} {r['dtype']}", c["size"], c["frames"], c["steps"], c["clips"],
+                   r["threads"], kind, s[per_clip][stat], per_vsec, st["reference_unet"], s[step][stat],
+                   st["denoising_unet"], st["vae_encode"], st["vae_decode"], st["conditioning"], st["other"],
+                   s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"), s["net_gb"],
+                   s["peak_vram_gb"] or float("nan"), ratio]
             lines.append("".join(f"{v:{'<' if i == 0 else '>'}{w}{fmt}}"
                                  for i, (v, (_, w, fmt)) in enumerate(zip(row, cols))))
     lines.append("(wall: min over clips and runs; cpu: median process CPU seconds. Stages are per clip, `step` is one "
                  "denoising-UNet call, `cond` = audio/image projections + face locator + prepare, `other` = the rest "
-                 "of the clip: guidance, scheduler, glue. peakGB: process peak RSS (build included); infGB: peak RSS "
-                 "while generating (high-water mark reset after the build); netGB: the network's weights)")
+                 "of the clip: guidance, scheduler, glue. s/vsec: seconds per second of video (frames / fps per "
+                 "clip). peakGB: process peak RSS (build included); infGB: peak RSS while generating (high-water "
+                 "mark reset after the build); netGB: the network's weights; VRAM: torch.cuda.max_memory_allocated "
+                 "while generating, weights included)")
     for r in results:
         if r["config"]["clips"] > 1:
             s = r["summary"]
@@ -424,6 +464,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"configuration(s), repeatable or comma-separated: {', '.join(CONFIGS)} (default tiny)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (min and median are reported)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="where the models run: cpu (default), cuda or cuda:N")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
+                   help="precision of the network and the VAE (default fp32)")
     p.add_argument("--steps", type=int, help="override the denoising steps of every configuration")
     p.add_argument("--frames", type=int, help="override the frames per clip")
     p.add_argument("--size", type=int, help="override the pixel size (multiple of 64)")
@@ -436,6 +479,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size is not None and args.size % 64:
         p.error(f"--size {args.size} is not a multiple of 64 (the latent grid must halve three times)")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N")
     return args
 
 
@@ -452,7 +499,8 @@ def spawn(name: str, clips: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, "-m", "emocast_lib.bench", "--child", "--config", name, "--child-clips", str(clips),
-               "--runs", str(args.runs), "--threads", str(args.threads), "--json", str(out)]
+               "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device, "--dtype",
+               args.dtype, "--json", str(out)]
         for flag in ("steps", "frames", "size"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag}", str(getattr(args, flag))]
@@ -472,9 +520,15 @@ def spawn(name: str, clips: int, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     names = _configs(args.config or ["tiny"])
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA GPU; run the GPU "
+              "benchmark on a machine with an NVIDIA GPU and a CUDA build of PyTorch, or use --device cpu",
+              file=sys.stderr)
+        raise SystemExit(2)
     if args.child:
         bc = resolve(names[0], args)
-        args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads, args.profile)))
+        args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads, args.profile,
+                                                  args.device, args.dtype)))
         return
     results = []
     for name in names:
@@ -482,15 +536,17 @@ def main(argv: list[str] | None = None) -> None:
             child = spawn(name, clips, args)
             child["summary"] = summarize(child)
             results.append(child)
-    report = {"machine": machine_info() | {"threads": args.threads}, "code": code_version(), "command": sys.argv,
-              "results": results}
+    report = {"machine": machine_info() | {"threads": args.threads, "device": args.device, "dtype": args.dtype},
+              "code": code_version(), "command": sys.argv, "results": results}
     args.json.write_text(json.dumps(report, indent=1))
     print(table(results))
     if args.profile:
         print(profile_table(results))
     load = ", ".join(f"{x:.1f}" for x in report["machine"]["load_average"])
-    print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs, torch {torch.__version__}, {args.threads} "
-          f"thread(s), load average {load} (wall times are inflated when it exceeds the threads); results in {args.json}")
+    gpu = f", GPU {report['machine']['gpu']}" if torch.device(args.device).type == "cuda" else ""
+    print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs{gpu}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), load average {load} (wall times are inflated when it exceeds the threads); "
+          f"results in {args.json}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from emocast_lib import bench
 
 STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", "audio_proj", "image_proj", "face_locator",
@@ -46,3 +49,38 @@ def test_bench_config_selection():
     assert bench._configs(args.config) == ["tiny", "long", "real64"]
     assert bench.resolve("long", args).clips == (1, 3) and bench.resolve("tiny", args).clips == (1,)
     assert bench.resolve("real64", args).steps == 5 and bench.resolve("real64", args).size == 64
+
+
+def test_bench_low_precision_path_on_cpu(tmp_path):
+    """The code path of `--device cuda --dtype fp16 --config gpu512`, exercised on the CPU in bf16 with the
+    tiny configuration: models built in the dtype on the device, seconds per video-second reported."""
+    out = tmp_path / "child.json"
+    bench.main(["--child", "--config", "tiny", "--device", "cpu", "--dtype", "bf16", "--runs", "1", "--steps", "1",
+                "--json", str(out)])
+    child = json.loads(out.read_text())
+    assert (child["device"], child["dtype"], child["fps"], child["motion_frames"]) == ("cpu", "bf16", 25, 2)
+    assert "peak_vram" not in child  # CPU run: no VRAM figure
+    fp32_bytes = sum(p.numel() * 4 for p in bench.build_models("tiny")[0].parameters())
+    assert child["net_bytes"] == fp32_bytes // 2
+    s = bench.summarize(child)
+    (clip,) = child["runs"][0]
+    assert s["seconds_per_video_second"]["min"] == pytest.approx(clip["total"] * 25 / 4)
+    assert s["peak_vram_gb"] is None and "speedup_vs_reference" not in s
+    assert "cpu bf16" in bench.table([child | {"summary": s}])
+
+
+def test_bench_gpu512_is_the_released_setting():
+    args = bench.parse_args(["--config", "gpu512", "--device", "cuda", "--dtype", "fp16"])
+    bc = bench.resolve("gpu512", args)
+    assert (bc.model, bc.size, bc.frames, bc.steps) == ("real", 512, 16, 40)
+    assert bench.resolve("gpu512", bench.parse_args(["--config", "gpu512", "--steps", "4"])).steps == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_cuda_without_a_gpu_exits_with_one_message(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cuda", "--dtype", "fp16", "--config", "gpu512", "--json", str(tmp_path / "r.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--device cuda" in err and "no CUDA GPU" in err and "--device cpu" in err
+    assert not (tmp_path / "r.json").exists()
