@@ -84,3 +84,31 @@ def test_bench_cuda_without_a_gpu_exits_with_one_message(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--device cuda" in err and "no CUDA GPU" in err and "--device cpu" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_tensor_memory_counts_allocations_not_views():
+    with bench.TensorMemory() as mem:
+        a = torch.ones(1000)  # 4000 bytes
+        view = a[10:]  # shares a's storage: nothing new
+        b = a * 2  # 4000 more: the peak
+        del b
+        c = torch.empty(250)  # 1000
+    assert (mem.peak, mem.live) == (8000, 5000)
+    del a, view, c
+    assert mem.live == 0  # counted down as storages are freed, also after the mode
+
+
+def test_tensor_memory_on_meta_equals_the_real_run():
+    """`--device meta --tensor-memory` counts what a real run allocates: the tiny configuration's calls,
+    counted for real on the CPU and on the meta device (which computes nothing), agree exactly for the
+    network; the VAE's attention is counted as a fused kernel there, slightly above the CPU's kernel."""
+    bc = bench.resolve("tiny", bench.parse_args(["--steps", "1"]))
+    real = bench.run_child(bc, 1, 0, 1, False, "cpu", "fp32", memory=True)["tensor_memory"]
+    meta = bench.run_child(bc, 1, 0, 1, False, "meta", "fp32", memory=True)["tensor_memory"]
+    for call in ("reference_unet", "prepare", "denoising_step"):
+        assert meta[call] == real[call] and real[call]["peak"] > 0, call
+    for call in ("vae_encode", "vae_decode"):
+        assert real[call]["peak"] <= meta[call]["peak"] <= 1.05 * real[call]["peak"], call
+    # One denoising call keeps its output only: (2, 4, frames, 16, 16) fp32.
+    assert real["denoising_step"]["kept"] == 2 * 4 * bc.frames * 16 * 16 * 4
+    assert meta["weights"] == real["weights"] > 0
