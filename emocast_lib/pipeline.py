@@ -122,7 +122,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
         text = torch.cat([uncond_text.expand(f, -1, -1), clip_emo])  # (2f, 77, D)
         context = torch.cat([text, image_tokens.repeat_interleave(f, 0)], dim=1)  # (2f, 81, D)
         # The reference pass sees one emotion per clip: the clip's middle frame.
-        ref_context = context[[f // 2, f + f // 2]]
+        ref_context = context[f // 2 :: f]  # rows f // 2 and f + f // 2
         ref_frames = torch.stack([src] * (1 + m)) if prev is None else torch.cat([src[None], prev[-m:]])
         ref_latents = vae.encode(ref_frames) * scale
         bank = net.reference_unet(ref_latents.to(device, dtype).repeat(2, 1, 1, 1), ref_context)
