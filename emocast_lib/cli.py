@@ -166,7 +166,6 @@ def _problem_line(problem) -> str:
 def _quiet_libraries() -> None:
     """Keep the libraries' own chatter (MediaPipe's C++ logs, TFLite notes, weight-loading bars) out of
     the progress lines; real errors still arrive as exceptions."""
-    import logging
     import os
     import warnings
 
@@ -175,7 +174,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("emocast").addHandler(logging.StreamHandler())
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ import unicodedata
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator
 
@@ -218,12 +219,14 @@ def load_photo(path: str | Path) -> np.ndarray:
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_PHOTO_PIXELS:
-                    raise ValueError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} megapixels), more than the "
-                                     f"{MAX_PHOTO_PIXELS / 1e6:.0f} MP limit; scale it down")
+                    raise Image.DecompressionBombError(f"{w}x{h} pixels")
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im, path)
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{path} is too large to decode safely ({_reason(e)}); the limit is "
+                             f"{MAX_PHOTO_PIXELS / 1e6:.0f} megapixels: scale it down") from e
+        except UnidentifiedImageError as e:
             raise ValueError(f"{path} is not an image PIL can read ({_reason(e)}); give a PNG, JPEG or WebP "
                              "photo") from e
         except (OSError, SyntaxError, EOFError, struct.error) as e:
@@ -347,13 +350,33 @@ def _device_problems(device: str, precision: str) -> list[Problem]:
 
 
 def _checkpoint_problems(path: Path) -> list[Problem]:
-    from .checkpoint import CheckpointError, checkpoint_config, read_metadata
+    """The checkpoint's declared config and its keys/shapes against that network, from the safetensors header
+    or the memory-mapped pickle: no tensor data is read."""
+    import torch
+
+    from .checkpoint import CheckpointError, check_state_dict, checkpoint_config, read_metadata, read_state_dict
 
     try:
-        checkpoint_config(path, read_metadata(path))
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            metadata = read_metadata(path)
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        else:
+            shapes, metadata = read_state_dict(path)  # memory-mapped: only the shapes are looked at
+        check_state_dict(shapes, _net_shapes(checkpoint_config(path, metadata)), str(path))
     except CheckpointError as e:
         return [Problem("checkpoint", str(e).splitlines()[0])]
     return []
+
+
+@lru_cache(maxsize=4)
+def _net_shapes(config) -> dict[str, tuple[int, ...]]:
+    """checkpoint.net_shapes, kept per config: building the network on the meta device takes a second."""
+    from .checkpoint import net_shapes
+
+    return net_shapes(config)
 
 
 def _safetensors_keys(path: Path) -> tuple[list[str] | None, str | None]:
@@ -506,7 +529,8 @@ def detect_face(task: Path, rgb: np.ndarray) -> np.ndarray:
 @contextmanager
 def native_stderr_quiet() -> Iterator[None]:
     """Hold back what native libraries print on file descriptor 2 (MediaPipe's TFLite and absl notes on
-    every landmarker start); it is printed after all if the block fails."""
+    every landmarker start); it is printed after all if the block fails other than with a ValueError
+    (an input problem, reported on its own)."""
     import os
     import sys
     import tempfile
@@ -517,6 +541,8 @@ def native_stderr_quiet() -> Iterator[None]:
         os.dup2(held.fileno(), 2)
         try:
             yield
+        except ValueError:
+            raise
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)

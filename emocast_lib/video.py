@@ -44,7 +44,15 @@ class Mp4Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.path)
         self._tmp = partial_path(self.path)
-        self.container = av.open(str(self._tmp), mode="w", format="mp4")
+        # A file object of our own: the temporary file exists from here on (FFmpeg would create it only with
+        # the first packet), so an interrupted run can be cleaned up whatever the encoder buffered.
+        self._file = open(self._tmp, "wb")
+        try:
+            self.container = av.open(self._file, mode="w", format="mp4")
+        except BaseException:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
         self.video = None
         self.frames = 0
 
@@ -100,6 +108,7 @@ class Mp4Writer:
             if self.audio is not None:
                 self._write_audio()
             self.container.close()
+            self._file.close()
             publish(self._tmp, self.path, self.overwrite)
         except BaseException:
             self.abort()
@@ -112,6 +121,7 @@ class Mp4Writer:
             self.container.close()
         except Exception:  # a container broken mid-write cannot be closed cleanly; it is deleted anyway
             pass
+        self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "Mp4Writer":
