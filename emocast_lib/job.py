@@ -423,7 +423,8 @@ def _wav2vec_problem(folder: Path) -> str | None:
     except (ValueError, UnicodeDecodeError) as e:
         return f"{config} is not valid JSON ({_reason(e)}); download it again from {layout.WAV2VEC.source}"
     fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "conv_dim")
-    if not isinstance(cfg, dict) or cfg.get("model_type", "wav2vec2") != "wav2vec2" or any(f not in cfg for f in fields):
+    if not isinstance(cfg, dict) or cfg.get("model_type", "wav2vec2") != "wav2vec2" or any(f not in cfg
+                                                                                         for f in fields):
         return (f"{config} is not a wav2vec2 config (it needs model_type wav2vec2 and {', '.join(fields)}); "
                 f"download it again from {layout.WAV2VEC.source}")
     _, problem = _safetensors_keys(weights)
@@ -434,7 +435,8 @@ def _landmarker_problem(path: Path) -> str | None:
     import zipfile
 
     if not zipfile.is_zipfile(path):
-        return f"{path} is not a MediaPipe .task bundle (truncated or another file); download it again from {layout.LANDMARKER.source}"
+        return (f"{path} is not a MediaPipe .task bundle (truncated or another file); download it again from "
+                f"{layout.LANDMARKER.source}")
     return None
 
 
@@ -660,7 +662,8 @@ class Session:
         self.device = _pick_device(settings.device)
         self.dtype = _pick_dtype(settings.precision, self.device)
         self.on_progress = on_progress
-        self.portraits, self.emotions, self.audio_features = _Lru(portrait_cache), _Lru(emotion_cache), _Lru(audio_cache)
+        self.portraits, self.emotions = _Lru(portrait_cache), _Lru(emotion_cache)
+        self.audio_features = _Lru(audio_cache)
         self._m = _Models()
 
     def __enter__(self) -> "Session":
@@ -683,26 +686,27 @@ class Session:
         from .checkpoint import CheckpointError
 
         self._say("load", f"loading {what.what} from {path}{_size_text(path)}")
+        field = "checkpoint" if what is layout.NET else "models"
         try:
-            model = make()
-        except (CheckpointError, JobError):
+            return make()
+        except JobError:
             raise
+        except CheckpointError as e:
+            raise JobError([Problem(field, str(e).splitlines()[0])]) from e
+        except MemoryError as e:
+            raise JobError([Problem(field, f"not enough memory to load {path}; close other programs, or use a GPU "
+                                           "(--device) or half precision (--precision bf16)")]) from e
         except Exception as e:  # any damage in a file the headers did not show
-            raise JobError([Problem("models" if what is not layout.NET else "checkpoint",
-                                    f"{path} cannot be loaded as the {what.what} ({_reason(e)}); download it again "
-                                    f"from {what.source}")]) from e
-        return model
+            raise JobError([Problem(field, f"{path} cannot be loaded as the {what.what} ({_reason(e)}); download it "
+                                           f"again from {what.source}")]) from e
 
     @property
     def net(self):
         if self._m.net is None:
-            from .checkpoint import STEPS_KEY, CheckpointError, load_net, read_metadata
+            from .checkpoint import STEPS_KEY, load_net, read_metadata
 
             def make():
-                try:
-                    net = load_net(self.checkpoint, dtype=self.dtype, device=self.device)
-                except CheckpointError as e:
-                    raise JobError([Problem("checkpoint", str(e).splitlines()[0])]) from e
+                net = load_net(self.checkpoint, dtype=self.dtype, device=self.device)
                 _refuse_nonfinite(net, self.checkpoint, "checkpoint")
                 return net
 
@@ -880,9 +884,12 @@ def run_job(session: Session, spec: JobSpec, on_progress: OnProgress | None = No
     portrait, encode audio and emotion (cached) -> clips, each written to the mp4 as it is decoded.
     `on_progress` gets Progress events (default: the session's); `should_stop()` is asked before every
     denoising step and ends the job with sampling.GenerationCancelled."""
+    import torch
+
     from . import audio as audio_lib
     from .face import paste_back
-    from .pipeline import AudioWindows, Emotion, iter_clips
+    from .files import OutputError
+    from .pipeline import AudioWindows, iter_clips
     from .video import Mp4Writer
 
     say = on_progress or session.on_progress or (lambda p: None)
@@ -918,11 +925,13 @@ def run_job(session: Session, spec: JobSpec, on_progress: OnProgress | None = No
         say(Progress("sample", f"clip {clip + 1}/{clips} step {step + 1}/{settings.steps}", clip + 1, clips, done,
                      total, eta))
 
-    with Mp4Writer(spec.out, spec.fps, wave, rate, overwrite=spec.overwrite) as writer:
+    try:
+        writer = Mp4Writer(spec.out, spec.fps, wave, rate, overwrite=spec.overwrite)
+    except OutputError as e:  # the output changed since the checks (another process wrote it)
+        raise JobError([Problem("out", str(e))]) from e
+    with writer:
         for clip in iter_clips(net, session.vae, prepared.portrait, AudioWindows(feats.windowed, feats.audio_length),
                                emotion, settings, on_step=on_step, should_stop=should_stop):
-            import torch
-
             if not bool(torch.isfinite(clip.latents).all()):
                 raise JobError([Problem("checkpoint", f"clip {clip.index + 1} came out with NaN or infinite values: "
                                         f"a model file under {session.models} or {session.checkpoint} is damaged, or "
@@ -961,7 +970,7 @@ def _emotion(session: Session, spec: JobSpec, frames: int, say: OnProgress):
     uncond = session.emotion("", False).hidden
     if not spec.schedule:
         return Emotion(encoded[0].hidden, uncond)
-    segments = [(e.hidden[0], s.start, s.end) for e, s in zip(encoded, spec.schedule)]
+    segments = [(e.hidden[0], s.start, s.end) for e, s in zip(encoded, spec.schedule, strict=True)]
     return Emotion(emotion_schedule(segments, spec.crossfade, spec.fps, frames), uncond)
 
 

@@ -73,7 +73,8 @@ class Mp4Writer:
                 self.sound = self.container.add_stream("aac", rate=self.sound_rate,
                                                        layout=_LAYOUTS[self.audio.shape[0]])
         for img in rgb:
-            for packet in self.video.encode(self._av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+            frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            for packet in self.video.encode(frame):
                 self.container.mux(packet)
         self.frames += len(rgb)
 
