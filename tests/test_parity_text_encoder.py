@@ -150,7 +150,7 @@ def test_tokenizer_folder_error(tmp_path: Path):
 
 def test_cli_tokenizer_matches_the_real_vocabulary(clip_tokenizer):
     """The CLI tokenizes with instant-clip-tokenizer (vocabulary inside the wheel): same ids as CLIP's."""
-    from emocast_lib.cli import ClipBpeTokenizer
+    from emocast_lib.companions import ClipBpeTokenizer
 
     ours = ClipBpeTokenizer()
     for prompt in ["The portrait is watching a horror movie with jump scares.", "", "a photo of a cat",
