@@ -1,4 +1,5 @@
-"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1]`.
+"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1]`;
+on a GPU: `python -m emocast_lib.bench --device cuda --dtype fp16 --config gpu512 [--steps 4]`.
 
 Models are built from the fixtures' fill rule (weights do not change the cost); inputs are random
 tensors of the shapes the preprocessing produces. Each configuration (and each clip count of `long`)
@@ -8,7 +9,9 @@ The stages are timed inside the real `iter_clips`: it is handed stand-ins for th
 that pass everything through to the real modules and time each call (projections, face locator,
 reference UNet, `prepare`, every denoising-UNet call, VAE encode/decode). Whatever a clip costs
 outside those calls (guidance, scheduler, concatenations) is reported as `other`, so the stages
-always add up to the measured seconds per clip.
+always add up to the measured seconds per clip. On CUDA every timed call is synchronised at both ends,
+so the stages hold the GPU time of their kernels, and the peak VRAM is `torch.cuda.max_memory_allocated`
+after the model build (weights) and while generating.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -30,8 +34,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .config import REGIONS, SD_VAE, NetConfig, SamplingConfig
+from .config import PRECISIONS, REGIONS, SD_VAE, FaceLocatorConfig, NetConfig, SamplingConfig, UNetConfig
+from .fill import fill_tensor
 from .models import EmoCASTNet
 from .pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
 from .tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
@@ -54,6 +63,8 @@ CONFIGS = {
     "real64": BenchConfig("real64", "real", 64, 4, 2),
     "real256": BenchConfig("real256", "real", 256, 4, 2),
     "long": BenchConfig("long", "tiny", 128, 4, 3, clips=(1, 4, 16)),
+    # The released inference settings (512 px, 16-frame clips, 2 motion frames, 40 steps, CFG): for a GPU.
+    "gpu512": BenchConfig("gpu512", "real", 512, 16, 40),
 }
 # The released reference on this project's machine, 1 thread (fixtures/parity/README.md §8).
 REFERENCE = {
@@ -68,9 +79,11 @@ STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", *CONDI
 
 
 class Stopwatch:
-    """Wall and CPU seconds per stage name: totals, and the wall time of every call."""
+    """Wall and CPU seconds per stage name: totals, and the wall time of every call. `sync` (e.g.
+    `torch.cuda.synchronize`) runs at both ends of every call, so asynchronous device work is counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self.sync = sync
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, list[float]] = defaultdict(list)
@@ -78,10 +91,12 @@ class Stopwatch:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.sync()
         w, c = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
+            self.sync()
             self.calls[name].append(time.perf_counter() - w)
             self.calls_cpu[name].append(time.process_time() - c)
             self.wall[name] += self.calls[name][-1]
@@ -168,7 +183,8 @@ def hwm_bytes() -> int | None:
 def machine_info() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "mkldnn": torch.backends.mkldnn.is_available(), "load_average": os.getloadavg()}
+            "mkldnn": torch.backends.mkldnn.is_available(), "load_average": os.getloadavg(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def code_version() -> str | None:
@@ -185,11 +201,26 @@ def code_version() -> str | None:
 
 # ----------------------------------------------------------------------------------------------- models
 
-def build_models(model: str) -> tuple[EmoCASTNet, Vae, str]:
+def build_models(model: str, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32) -> tuple[EmoCASTNet, Vae, str]:
+    """The network and the VAE with fill-rule weights, on `device` in `dtype`."""
     if model == "tiny":
-        return filled_net(TINY_NET, TINY_SEED), diffusers_vae(filled_vae(TINY_VAE, TINY_SEED)), "fill rule, seed 1001"
-    return (filled_net(NetConfig(), TINY_SEED), diffusers_vae(filled_vae(SD_VAE, TINY_SEED)),
-            "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE")
+        net, vae, weights = filled_net(TINY_NET, TINY_SEED), filled_vae(TINY_VAE, TINY_SEED), "fill rule, seed 1001"
+        net = net.to(device, dtype)
+    else:
+        # Filled one tensor at a time straight into `dtype` on `device`: the released network in fp32
+        # would need 10 GB of host memory first.
+        net = EmoCASTNet(NetConfig(), device="meta")
+        net.load_state_dict({k: fill_tensor(TINY_SEED, k, v.shape).to(device, dtype)
+                             for k, v in net.state_dict().items()}, assign=True)
+        vae = filled_vae(SD_VAE, TINY_SEED)
+        weights = "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE"
+    return net.eval(), diffusers_vae(vae.to(device, dtype)), weights
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 @dataclass
@@ -215,10 +246,11 @@ def make_inputs(cfg: NetConfig, size: int, frames: int, clips: int, seed: int = 
 
 # ----------------------------------------------------------------------------------------------- timing
 
-def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> list[dict[str, Any]]:
+def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig,
+               sync: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """The real generator, consumed and dropped clip by clip: per clip seconds (wall, CPU), seconds per
     stage, the denoising-UNet call of every step, and RSS after the clip."""
-    sw = Stopwatch()
+    sw = Stopwatch(sync)
     clips = []
     wall, cpu = time.perf_counter(), time.process_time()
     seen: dict[str, float] = {}
@@ -286,50 +318,188 @@ def profile_call(fn: Callable[[], Any], top: int = 15) -> dict[str, Any]:
             "top_ops_by_shape": shaped[:top]}
 
 
-def profiles(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Any]:
-    """Profile the calls clip 0 of the real pipeline made, replayed with the arguments it used."""
+def clip0_calls(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Callable[[], Any]]:
+    """The network calls clip 0 of the real pipeline made, each replayable with the arguments it used, and
+    the VAE decode of one batch of frames."""
     capture: dict[str, tuple] = {}
     clip0 = iter_clips(timed_net(net, Stopwatch(), capture), vae, inp.portrait, inp.audio, inp.emotion, settings)
     next(clip0)
     clip0.close()
     h = inp.portrait.pixels.shape[-1] // 8
-    latents = torch.randn(settings.frames_per_clip, 4, h, h)
+    latents = torch.randn(min(settings.frames_per_clip, vae.decode_batch), 4, h, h)
 
     def replay(stage: str) -> Callable[[], Any]:
         fn, args, kwargs = capture[stage]
         return lambda: fn(*args, **kwargs)
 
+    size = inp.portrait.pixels.shape[-1]
+    pixels = torch.rand(1 + settings.motion_frames, 3, size, size) * 2 - 1  # the reference frames of a clip
+    return {"denoising_step": replay("denoising_unet"), "reference_unet": replay("reference_unet"),
+            "prepare": replay("prepare"), "vae_encode": lambda: vae.encode(pixels),
+            "vae_decode": lambda: decode_frames(vae, latents)}
+
+
+def profiles(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Any]:
+    """Profile the calls clip 0 of the real pipeline made, replayed with the arguments it used."""
+    calls = clip0_calls(net, vae, inp, settings)
     with torch.no_grad():
-        return {"denoising_step": profile_call(replay("denoising_unet")),
-                "reference_unet": profile_call(replay("reference_unet")),
-                "prepare": profile_call(replay("prepare")),
-                "vae_decode": profile_call(lambda: decode_frames(vae, latents))}
+        return {name: profile_call(fn) for name, fn in calls.items()}
+
+
+class TensorMemory(TorchDispatchMode):
+    """Bytes of the tensors the operations inside the mode allocate: live now, and the peak. A storage
+    counts from the operation that makes it until it is freed (views and in-place results add nothing),
+    so the figure is the call's own tensors whatever the allocator caches, on the CPU as on CUDA;
+    workspace that kernels take outside the dispatcher (e.g. cuDNN's) is not included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = WeakIdKeyDictionary()
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and id(storage) not in inputs and storage not in self.seen:
+                self.seen[storage] = True
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+
+DATA_DEPENDENT = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                  torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default)
+
+
+class DataDependentRecord(TorchDispatchMode):
+    """The results of the operations whose output depends on values (`.item()`, `bool()`, `nonzero`), in
+    order, from a real run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[tuple[Any, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in DATA_DEPENDENT:
+            self.answers.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else out))
+        return out
+
+
+class MetaRun(TorchDispatchMode):
+    """Runs on the meta device what needs values: the data-dependent operations get the answers a real run
+    of the same calls gave (`DataDependentRecord`), copies to the CPU come back uninitialised."""
+
+    def __init__(self, answers: list[tuple[Any, Any]]) -> None:
+        super().__init__()
+        self.answers = list(answers)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in DATA_DEPENDENT:
+            recorded, answer = self.answers.pop(0)
+            if recorded is not func:
+                raise RuntimeError(f"the meta run took another path than the recorded one: {func}, not {recorded}")
+            return torch.empty(answer, dtype=torch.long, device="meta") if isinstance(answer, tuple) else answer
+        if func is torch.ops.aten._to_copy.default and args[0].is_meta and kwargs.get("device") == torch.device("cpu"):
+            return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        return func(*args, **kwargs)
+
+
+class FusedAttention(TorchFunctionMode):
+    """Attention on the meta device as the fused kernel CUDA runs (flash / memory-efficient): only its output
+    is allocated, not the (L, L) weights of the math fallback that meta tensors would take."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
+            q, v = args[0], args[2]
+            return q.new_empty(*q.shape[:-1], v.shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def tensor_memory_meta(bc: BenchConfig, settings: SamplingConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """`tensor_memory` of the configuration's network on the meta device, where nothing is computed, at any
+    size. The values its data-dependent operations need come from a real run of the same calls at 64 px
+    (they depend on the frames and the structure of the inputs only); for the released network that run
+    takes the released layout at narrow widths."""
+    from diffusers import AutoencoderKL
+
+    config, vae_config = (TINY_NET, TINY_VAE) if bc.model == "tiny" else (NetConfig(), SD_VAE)
+    narrow = config if bc.model == "tiny" else NetConfig(
+        unet=replace(UNetConfig(), block_out_channels=(32, 64, 128, 128)),
+        face_locator=replace(FaceLocatorConfig(), out_channels=32))
+    record = DataDependentRecord()
+    with record:
+        tensor_memory(filled_net(narrow, TINY_SEED), diffusers_vae(filled_vae(vae_config, TINY_SEED)),
+                      make_inputs(narrow, 64, bc.frames, 1), settings)
+    net = EmoCASTNet(config, device="meta", dtype=dtype).eval()
+    with torch.device("meta"):
+        vae = diffusers_vae(AutoencoderKL(**vae_config).to(dtype))
+    with MetaRun(record.answers), FusedAttention():
+        return tensor_memory(net, vae, make_inputs(config, bc.size, bc.frames, 1), settings)
+
+
+def tensor_memory(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Any]:
+    """Peak tensor bytes of each call of clip 0 (replayed under `TensorMemory`), and the bytes its result
+    keeps (the reference features, the clip context, the denoising output)."""
+    out: dict[str, Any] = {"weights": sum(p.numel() * p.element_size() for p in net.parameters()),
+                           "decode_batch": min(settings.frames_per_clip, vae.decode_batch)}
+    with torch.no_grad():
+        for name, fn in clip0_calls(net, vae, inp, settings).items():
+            with TensorMemory() as mem:
+                result = fn()
+            out[name] = {"peak": mem.peak, "kept": mem.live}
+            del result
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- child
 
-def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool) -> dict[str, Any]:
+def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool, device: str = "cpu",
+              dtype: str = "fp32", memory: bool = False) -> dict[str, Any]:
     torch.set_num_threads(threads)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
+    if dev.type == "meta":  # nothing runs there to be timed: tensor memory only
+        return {"config": asdict(bc) | {"clips": clips}, "threads": threads, "runs": [], "device": "meta",
+                "dtype": dtype, "fps": settings.fps, "motion_frames": settings.motion_frames,
+                "tensor_memory": tensor_memory_meta(bc, settings, PRECISIONS[dtype])}
     rss_start = rss_bytes()
     t0 = time.perf_counter()
-    net, vae, weights = build_models(bc.model)
+    net, vae, weights = build_models(bc.model, dev, PRECISIONS[dtype])
     build = time.perf_counter() - t0
     rss_built = rss_bytes()
-    settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
     inp = make_inputs(net.config, bc.size, bc.frames, clips)
     build_peak = peak_rss_bytes()
     hwm_reset = reset_peak_rss()
+    if cuda:
+        vram_built = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     done = []
     for r in range(runs):
-        done.append(time_clips(net, vae, inp, settings))
+        done.append(time_clips(net, vae, inp, settings, device_sync(dev)))
         print(f"[bench] {bc.name} x{clips} run {r + 1}/{runs}: {[round(c['total'], 2) for c in done[-1]]} s/clip",
               file=sys.stderr, flush=True)
+    net_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     out = {"config": asdict(bc) | {"clips": clips}, "threads": torch.get_num_threads(), "runs": done,
-           "weights": weights, "build_s": build, "net_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
+           "weights": weights, "build_s": build, "net_bytes": net_bytes,
            "rss_start": rss_start, "rss_built": rss_built, "peak_rss": peak_rss_bytes(), "peak_rss_build": build_peak,
-           "peak_rss_inference": hwm_bytes() if hwm_reset else None}
+           "peak_rss_inference": hwm_bytes() if hwm_reset else None, "device": str(dev), "dtype": dtype,
+           "fps": settings.fps, "motion_frames": settings.motion_frames}
+    if cuda:
+        out |= {"gpu": torch.cuda.get_device_name(dev), "vram_built": vram_built,
+                "peak_vram": torch.cuda.max_memory_allocated(dev)}
     if profile:  # after the peak-RSS reading: the profiler's own memory is not the pipeline's
         out["profile"] = profiles(net, vae, inp, settings)
+    if memory:
+        out["tensor_memory"] = tensor_memory(net, vae, inp, settings)
     return out
 
 
@@ -351,20 +521,26 @@ def summarize(child: dict[str, Any]) -> dict[str, Any]:
          "peak_rss_inference_gb": child["peak_rss_inference"] / GB if child.get("peak_rss_inference") else None,
          "rss_start_gb": (child["rss_start"] or 0) / GB, "rss_built_gb": (child["rss_built"] or 0) / GB,
          "build_s": child["build_s"],
+         # A clip shows frames / fps seconds of video.
+         "seconds_per_video_second": _mm([c["total"] * child["fps"] / c["frames"] for c in clips]),
+         "vram_built_gb": child["vram_built"] / GB if "vram_built" in child else None,
+         "peak_vram_gb": child["peak_vram"] / GB if "peak_vram" in child else None,
          "per_clip_seconds_last_run": [c["total"] for c in child["runs"][-1]],
          "rss_after_clip_gb": [c["rss"] / GB for c in child["runs"][-1] if c["rss"] is not None]}
     name = child["config"]["name"]
-    if name in REFERENCE and child["threads"] == 1 and child["config"] == asdict(CONFIGS[name]) | {"clips": 1}:
+    same_run = child["config"] == asdict(CONFIGS[name]) | {"clips": 1} and child["threads"] == 1
+    if name in REFERENCE and same_run and (child["device"], child["dtype"]) == ("cpu", "fp32"):
         s["reference"] = REFERENCE[name]
         s["speedup_vs_reference"] = REFERENCE[name]["s_per_clip"] / s["seconds_per_clip"]["min"]
     return s
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    cols = [("config", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"), ("thr", 4, "d"),
-            ("time", 5, "s"), ("s/clip", 8, ".3f"), ("refUNet", 8, ".3f"), ("step", 7, ".3f"), ("steps", 7, ".3f"),
-            ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"), ("other", 7, ".3f"), ("peakGB", 7, ".2f"),
-            ("infGB", 6, ".2f"), ("netGB", 6, ".2f"), ("vs ref", 7, "s")]
+    cols = [("config", 10, "s"), ("on", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"),
+            ("thr", 4, "d"), ("time", 5, "s"), ("s/clip", 8, ".3f"), ("s/vsec", 8, ".3f"), ("refUNet", 8, ".3f"),
+            ("step", 7, ".3f"), ("steps", 7, ".3f"), ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"),
+            ("other", 7, ".3f"), ("peakGB", 7, ".2f"), ("infGB", 6, ".2f"), ("netGB", 6, ".2f"), ("VRAM", 6, ".2f"),
+            ("vs ref", 7, "s")]
     lines = ["".join(f"{n:>{w}}" if i else f"{n:<{w}}" for i, (n, w, _) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
     for r in results:
@@ -373,16 +549,20 @@ def table(results: list[dict[str, Any]]) -> str:
                                                    ("cpu", "cpu_seconds_per_clip", "stages_cpu", "step_cpu", "median")):
             st = {k: v[stat] for k, v in s[stages].items()}
             ratio = f"{s['speedup_vs_reference']:.2f}x" if kind == "wall" and "speedup_vs_reference" in s else ""
-            row = [c["name"], c["size"], c["frames"], c["steps"], c["clips"], r["threads"], kind, s[per_clip][stat],
-                   st["reference_unet"], s[step][stat], st["denoising_unet"], st["vae_encode"], st["vae_decode"],
-                   st["conditioning"], st["other"], s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"),
-                   s["net_gb"], ratio]
+            per_vsec = s[per_clip][stat] * r["fps"] / c["frames"]
+            row = [c["name"], f"{r['device']} {r['dtype']}", c["size"], c["frames"], c["steps"], c["clips"],
+                   r["threads"], kind, s[per_clip][stat], per_vsec, st["reference_unet"], s[step][stat],
+                   st["denoising_unet"], st["vae_encode"], st["vae_decode"], st["conditioning"], st["other"],
+                   s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"), s["net_gb"],
+                   s["peak_vram_gb"] or float("nan"), ratio]
             lines.append("".join(f"{v:{'<' if i == 0 else '>'}{w}{fmt}}"
                                  for i, (v, (_, w, fmt)) in enumerate(zip(row, cols))))
     lines.append("(wall: min over clips and runs; cpu: median process CPU seconds. Stages are per clip, `step` is one "
                  "denoising-UNet call, `cond` = audio/image projections + face locator + prepare, `other` = the rest "
-                 "of the clip: guidance, scheduler, glue. peakGB: process peak RSS (build included); infGB: peak RSS "
-                 "while generating (high-water mark reset after the build); netGB: the network's weights)")
+                 "of the clip: guidance, scheduler, glue. s/vsec: seconds per second of video (frames / fps per "
+                 "clip). peakGB: process peak RSS (build included); infGB: peak RSS while generating (high-water "
+                 "mark reset after the build); netGB: the network's weights; VRAM: torch.cuda.max_memory_allocated "
+                 "while generating, weights included)")
     for r in results:
         if r["config"]["clips"] > 1:
             s = r["summary"]
@@ -390,6 +570,20 @@ def table(results: list[dict[str, Any]]) -> str:
                          + " ".join(f"{t:.2f}" for t in s["per_clip_seconds_last_run"]))
             lines.append(f"{'':>{len(r['config']['name']) + 3}}  RSS GB after each clip "
                          + " ".join(f"{g:.3f}" for g in s["rss_after_clip_gb"]))
+    return "\n".join(lines)
+
+
+def memory_table(results: list[dict[str, Any]]) -> str:
+    lines = ["\nTensor memory of clip 0's calls (GB; peak: the call's own tensors at their largest; kept: its result)"]
+    for r in results:
+        m, c = r["tensor_memory"], r["config"]
+        lines.append(f"  {c['name']} on {r['device']} {r['dtype']}, {c['size']} px, {c['frames']} frames + "
+                     f"{r['motion_frames']} motion frames: weights {m['weights'] / GB:.2f}")
+        for name, what in (("vae_encode", f"VAE encode of {1 + r['motion_frames']} reference frames"),
+                           ("reference_unet", "reference UNet (reference features kept)"),
+                           ("prepare", "prepare (clip context kept)"), ("denoising_step", "one denoising call"),
+                           ("vae_decode", f"VAE decode of {m['decode_batch']} frames")):
+            lines.append(f"    {what:<42} peak {m[name]['peak'] / GB:7.3f}   kept {m[name]['kept'] / GB:7.3f}")
     return "\n".join(lines)
 
 
@@ -424,18 +618,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"configuration(s), repeatable or comma-separated: {', '.join(CONFIGS)} (default tiny)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (min and median are reported)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu",
+                   help="where the models run: cpu (default), cuda or cuda:N; meta: count --tensor-memory only, "
+                        "at any size, without computing")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
+                   help="precision of the network and the VAE (default fp32)")
     p.add_argument("--steps", type=int, help="override the denoising steps of every configuration")
     p.add_argument("--frames", type=int, help="override the frames per clip")
     p.add_argument("--size", type=int, help="override the pixel size (multiple of 64)")
     p.add_argument("--clips", help="override the clip counts of `long`, comma-separated (e.g. 1,4,16)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one denoising step, reference pass, prepare and VAE decode (torch.profiler)")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="also measure the peak tensor bytes of each call of clip 0 (with --runs 0: only that)")
     p.add_argument("--json", type=Path, default=Path("bench_results.json"), help="where to write the results")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-clips", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.size is not None and args.size % 64:
         p.error(f"--size {args.size} is not a multiple of 64 (the latent grid must halve three times)")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N")
+    if args.device == "meta" and not args.tensor_memory:
+        p.error("--device meta computes nothing and only counts tensor memory: add --tensor-memory")
     return args
 
 
@@ -452,12 +659,12 @@ def spawn(name: str, clips: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, "-m", "emocast_lib.bench", "--child", "--config", name, "--child-clips", str(clips),
-               "--runs", str(args.runs), "--threads", str(args.threads), "--json", str(out)]
+               "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device, "--dtype",
+               args.dtype, "--json", str(out)]
         for flag in ("steps", "frames", "size"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag}", str(getattr(args, flag))]
-        if args.profile:
-            cmd.append("--profile")
+        cmd += ["--profile"] * args.profile + ["--tensor-memory"] * args.tensor_memory
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         load_before = os.getloadavg()
@@ -472,25 +679,36 @@ def spawn(name: str, clips: int, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     names = _configs(args.config or ["tiny"])
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA GPU; run the GPU "
+              "benchmark on a machine with an NVIDIA GPU and a CUDA build of PyTorch, or use --device cpu",
+              file=sys.stderr)
+        raise SystemExit(2)
     if args.child:
         bc = resolve(names[0], args)
-        args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads, args.profile)))
+        args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads, args.profile,
+                                                  args.device, args.dtype, args.tensor_memory)))
         return
     results = []
     for name in names:
         for clips in resolve(name, args).clips:
             child = spawn(name, clips, args)
-            child["summary"] = summarize(child)
+            child["summary"] = summarize(child) if child["runs"] else None
             results.append(child)
-    report = {"machine": machine_info() | {"threads": args.threads}, "code": code_version(), "command": sys.argv,
-              "results": results}
+    report = {"machine": machine_info() | {"threads": args.threads, "device": args.device, "dtype": args.dtype},
+              "code": code_version(), "command": sys.argv, "results": results}
     args.json.write_text(json.dumps(report, indent=1))
-    print(table(results))
+    if any(r["summary"] for r in results):
+        print(table([r for r in results if r["summary"]]))
     if args.profile:
         print(profile_table(results))
+    if args.tensor_memory:
+        print(memory_table(results))
     load = ", ".join(f"{x:.1f}" for x in report["machine"]["load_average"])
-    print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs, torch {torch.__version__}, {args.threads} "
-          f"thread(s), load average {load} (wall times are inflated when it exceeds the threads); results in {args.json}")
+    gpu = f", GPU {report['machine']['gpu']}" if torch.device(args.device).type == "cuda" else ""
+    print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs{gpu}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), load average {load} (wall times are inflated when it exceeds the threads); "
+          f"results in {args.json}")
 
 
 if __name__ == "__main__":

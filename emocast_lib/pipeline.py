@@ -87,13 +87,15 @@ def _per_frame(cond: torch.Tensor, frames: int) -> torch.Tensor:
 def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindows, emotion: Emotion,
                settings: SamplingConfig = SamplingConfig(), on_step: OnStep | None = None,
                should_stop: ShouldStop | None = None, noise: Callable[[int], torch.Tensor] | None = None,
-               ) -> Iterator[ClipResult]:
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Iterator[ClipResult]:
     """Generate the video clip by clip; memory does not grow with the audio length.
 
     `noise(clip)` may supply each clip's initial latents; by default one CPU generator seeded with
-    `settings.seed` draws them in turn, as the released script does with its global generator."""
+    `settings.seed` draws them in turn, as the released script does with its global generator.
+    The network computes on `device` in `dtype`, by default those of its weights (casting layers,
+    e.g. ComfyUI's, may keep their weights elsewhere and in another dtype)."""
     p = next(net.parameters())
-    device, dtype = p.device, p.dtype
+    device, dtype = torch.device(device or p.device), dtype or p.dtype
     f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
     total = audio.windows.shape[0]
     if total % f:
@@ -125,7 +127,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
         text = torch.cat([uncond_text.expand(f, -1, -1), clip_emo])  # (2f, 77, D)
         context = torch.cat([text, image_tokens.repeat_interleave(f, 0)], dim=1)  # (2f, 81, D)
         # The reference pass sees one emotion per clip: the clip's middle frame.
-        ref_context = context[[f // 2, f + f // 2]]
+        ref_context = context[f // 2 :: f]  # rows f // 2 and f + f // 2
         ref_frames = torch.stack([src] * (1 + m)) if prev is None else torch.cat([src[None], prev[-m:]])
         ref_latents = vae.encode(ref_frames) * scale
         bank = net.reference_unet(ref_latents.to(device, dtype).repeat(2, 1, 1, 1), ref_context)

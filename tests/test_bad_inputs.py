@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from packimport import pack_module
 from PIL import Image
 
 from emocast_lib import audio as audio_lib
@@ -34,6 +33,7 @@ from emocast_lib.files import OutputError
 from emocast_lib.job import JobError, JobSpec, ModelSettings, Session, check_job, run_job
 from emocast_lib.tiny import NOT_A_MODEL, check_tiny_target, make_tiny_models
 from emocast_lib.video import Mp4Writer
+from packimport import pack_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PORTRAIT = EXAMPLES / "portrait.png"
