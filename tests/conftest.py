@@ -41,3 +41,17 @@ def download_cache(request, tmp_path_factory) -> Path:
     """A folder kept between runs (pytest's cache) for the few files tests fetch from PyPI."""
     cache = getattr(request.config, "cache", None)
     return Path(cache.mkdir("downloads")) if cache is not None else tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(download_cache, tmp_path_factory) -> Path:
+    """One tree of tiny stand-in models (`make-tiny-models`: FAKE fill-rule weights, NOT EmoCAST) shared
+    by every test of the session; tests must not change it."""
+    from emocast_lib.tiny import make_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    with pytest.MonkeyPatch.context() as env:
+        # The stand-in landmarker is assembled from the mediapipe 0.10.21 wheel: keep it between runs.
+        env.setenv("EMOCAST_MEDIAPIPE_WHEEL_DIR", str(download_cache))
+        make_tiny_models(root)
+    return root
