@@ -31,9 +31,10 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from . import layout
 from .job import JobError, JobSpec, ModelSettings, Progress, Segment
@@ -212,7 +213,7 @@ def _read_csv(text: str, base: Path, name: str) -> list[JobLine]:
         if len(row) != len(header):
             jobs.append(JobLine(start, error=f"has {len(row)} cells, the header has {len(header)} columns"))
             continue
-        jobs.append(_parse(start, {k: v for k, v in zip(header, row) if v.strip()}, base))
+        jobs.append(_parse(start, {k: v for k, v in zip(header, row, strict=True) if v.strip()}, base))
     return jobs
 
 
@@ -278,13 +279,16 @@ def _quick_digest(path: Path, span: int = 1 << 20) -> str:
 
 
 def models_fingerprint(settings: ModelSettings, identity: bool) -> dict[str, str]:
-    return {p.name: _quick_digest(p) for p in _model_files(settings, identity)}
+    models = Path(settings.models)
+    return {(p.relative_to(models).as_posix() if p.is_relative_to(models) else str(p)): _quick_digest(p)
+            for p in _model_files(settings, identity)}
 
 
 def settings_record(spec: JobSpec, precision: str, models: dict[str, str], digest: Callable[[Path], str]) -> dict:
     """Everything that determines a job's video, as plain JSON values: the input files by content, every
     other JobSpec value, the precision asked for and the model files."""
-    values = {k: v for k, v in dataclasses.asdict(spec).items() if k not in (*PATHS, "overwrite")}
+    unused = ("emotion",) if spec.schedule else ("schedule", "crossfade")
+    values = {k: v for k, v in dataclasses.asdict(spec).items() if k not in (*PATHS, "overwrite", *unused)}
     record = {"image_sha256": digest(Path(spec.image)), "audio_sha256": digest(Path(spec.audio)),
               **values, "precision": precision, "models": models}
     return json.loads(json.dumps(record))  # tuples -> lists: compares equal to what is read back
@@ -400,7 +404,8 @@ class Ledger:
     def write_report(self) -> None:
         from .files import write_bytes
 
-        report = {"jobs_file": str(self.jobs_file), "mode": self.mode, "seconds": round(time.monotonic() - self.begun, 3),
+        report = {"jobs_file": str(self.jobs_file), "mode": self.mode,
+                  "seconds": round(time.monotonic() - self.begun, 3),
                   "summary": {s: self.count(s) for s in (*FINAL, "pending", "running")},
                   "jobs": [{k: v for k, v in vars(e).items() if k not in ("progress", "started")}
                            for e in self.entries]}
@@ -411,7 +416,9 @@ def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "--"
     seconds = round(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # --- workers: the same runner in this process and inside each Ray actor -----------------------------------
@@ -502,6 +509,10 @@ RAY_INSTALL = 'Ray is not installed: pip install -r requirements-ray.txt (or pip
 LOCAL_OBJECT_STORE = 256 * 1024**2  # jobs and results are a few kB: the frames go to disk on the worker
 
 
+class RayStartError(RuntimeError):
+    """Ray could not start a local runtime or join the cluster."""
+
+
 def import_ray():
     try:
         import ray
@@ -542,11 +553,15 @@ def run_ray(ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity
     import emocast_lib
 
     runtime_env = {"py_modules": [str(Path(emocast_lib.__file__).parent)], "excludes": ["__pycache__"]}
-    if address is None:
-        ray.init(address="local", num_cpus=workers * threads if workers else None, include_dashboard=dashboard,
-                 object_store_memory=LOCAL_OBJECT_STORE, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    try:
+        if address is None:
+            ray.init(address="local", num_cpus=workers * threads if workers else None, include_dashboard=dashboard,
+                     object_store_memory=LOCAL_OBJECT_STORE, runtime_env=runtime_env, log_to_driver=False)
+        else:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    except Exception as e:  # a wrong address, a version mismatch, no room for the runtime
+        where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+        raise RayStartError(f"--ray: could not start or join {where}: {describe_error(e)}") from e
     try:
         _drive(ray, ledger, tasks, settings, identity, stop, workers, threads)
     finally:
@@ -630,6 +645,13 @@ def _drive(ray, ledger: Ledger, tasks: list[Task], settings: ModelSettings, iden
 
 # --- the command ---------------------------------------------------------------------------------------
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def add_parser(sub) -> None:
     """The `batch` subcommand of `python -m emocast_lib` (cli.py)."""
     p = sub.add_parser(
@@ -653,18 +675,18 @@ def add_parser(sub) -> None:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray: alone, a new local runtime; with an address (host:6379, auto, ray://...), "
                         "that cluster (needs requirements-ray.txt)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_count, default=None,
                    help="Ray workers (default: one per GPU, else the CPUs divided by --threads)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_count, default=None,
                    help="CPU threads per job (this process: torch's threads; Ray: the CPUs of each CPU worker, "
                         "default 4)")
     p.add_argument("--dashboard", action="store_true",
                    help="with a local Ray runtime, start Ray's dashboard (http://127.0.0.1:8265, needs ray[default])")
 
 
-def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> tuple[list[tuple[JobLine, JobSpec]], str]:
+def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> list[tuple[JobLine, JobSpec]]:
     """JobSpecs of the good lines (job.check_job); bad lines get their error. An existing output is
-    replaced only when it is this command's with other settings, or with --redo."""
+    replaced only when this command made it (with other settings), or with --redo."""
     from .job import check_job
 
     specs = []
@@ -683,13 +705,15 @@ def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> tupl
             job.error = "; ".join(map(str, problems))
         else:
             specs.append((job, spec))
-    return specs, ""
+    return specs
 
 
-def main(args: argparse.Namespace, stream: TextIO = sys.stderr) -> int:
+def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
     """Run the batch; exit code 0 (every job done or skipped), 1 (a job failed or a line was bad),
     2 (the jobs file or the models cannot be used, or --strict and a bad line), 130 (Ctrl-C)."""
     from .job import check_models
+
+    stream = stream or sys.stderr
 
     def fail(text: str) -> int:
         print(f"error: {text}", file=stream)
@@ -712,7 +736,7 @@ def main(args: argparse.Namespace, stream: TextIO = sys.stderr) -> int:
     problems = check_models(settings, identity=identity)
     if problems:
         return fail("\n".join(map(str, problems)))
-    specs, _ = _validate(lines, settings, args.redo)
+    specs = _validate(lines, settings, args.redo)
     for job in lines:
         if job.error:
             print(f"{args.jobs}:{job.line}: {job.error}", file=stream)
@@ -745,40 +769,52 @@ def main(args: argparse.Namespace, stream: TextIO = sys.stderr) -> int:
     if entries and (skipped := ledger.count("skipped")):
         ledger.say(f"{skipped} job(s) already done with the same settings (--redo runs them again)")
     ledger.write_report()
-    stop = threading.Event()
-    interrupted = _on_ctrl_c(stop, ledger)
+    stop, reason = threading.Event(), "cancelled by Ctrl-C"
     try:
-        if tasks and args.ray is not None:
-            run_ray(ledger, tasks, settings, identity, stop, args.ray or None, args.workers, args.threads or 4,
-                    args.dashboard)
-        elif tasks:
-            if args.threads:
-                import torch
+        with _ctrl_c_stops(stop, ledger):
+            if tasks and args.ray is not None:
+                run_ray(ledger, tasks, settings, identity, stop, args.ray or None, args.workers, args.threads or 4,
+                        args.dashboard)
+            elif tasks:
+                if args.threads:
+                    import torch
 
-                torch.set_num_threads(args.threads)
-            run_embedded(ledger, tasks, settings, identity, stop)
+                    torch.set_num_threads(args.threads)
+                run_embedded(ledger, tasks, settings, identity, stop)
+    except RayStartError as e:
+        reason = str(e)
+        return fail(reason)
+    except BaseException as e:
+        reason = "cancelled by Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"not run: {describe_error(e)}"
+        raise
     finally:
-        signal.signal(signal.SIGINT, interrupted)
         for entry in entries:
             if entry.status in ("pending", "running"):
-                entry.status, entry.error = "cancelled", "cancelled by Ctrl-C"
+                entry.status, entry.error = "cancelled", reason
         ledger.write_report()
-    ledger.say(ledger.line().replace(", ETA --", ""))
-    ledger.say(f"report: {report}")
+    failed = ledger.count("failed", "invalid", "cancelled")
+    ledger.say(f"batch: {ledger.count('done')} done, {ledger.count('skipped')} skipped (already done), {failed} "
+               f"failed, in {time.monotonic() - ledger.begun:.0f} s; report: {report}")
     if stop.is_set():
         return 130
-    return 1 if ledger.count("failed", "invalid", "cancelled") else 0
+    return 1 if failed else 0
 
 
-def _on_ctrl_c(stop: threading.Event, ledger: Ledger):
-    """First Ctrl-C: stop taking jobs and cancel the running ones at their next step (their mp4 is not
-    written); a second Ctrl-C interrupts at once. Returns the handler to restore."""
+@contextmanager
+def _ctrl_c_stops(stop: threading.Event, ledger: Ledger) -> Iterator[None]:
+    """While inside: the first Ctrl-C stops taking jobs and cancels the running ones at their next step
+    (their mp4 is not written); a second Ctrl-C interrupts at once."""
     def handler(signum, frame) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
         ledger.say("stopping: running jobs end at their next step, no half files are left (Ctrl-C again: at once)")
 
-    if threading.current_thread() is not threading.main_thread():
-        return signal.getsignal(signal.SIGINT)
-    return signal.signal(signal.SIGINT, handler)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
