@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -552,13 +553,16 @@ def run_ray(ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity
     ray = import_ray()
     import emocast_lib
 
-    runtime_env = {"py_modules": [str(Path(emocast_lib.__file__).parent)], "excludes": ["__pycache__"]}
+    # The library travels with the job (same code on every node); workers' prints stay in Ray's logs
+    # (dashboard), so the driver shows only the progress line.
+    options = {"runtime_env": {"py_modules": [str(Path(emocast_lib.__file__).parent)], "excludes": ["__pycache__"]},
+               "log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if address is None:
             ray.init(address="local", num_cpus=workers * threads if workers else None, include_dashboard=dashboard,
-                     object_store_memory=LOCAL_OBJECT_STORE, runtime_env=runtime_env, log_to_driver=False)
+                     object_store_memory=LOCAL_OBJECT_STORE, **options)
         else:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            ray.init(address=address, **options)
     except Exception as e:  # a wrong address, a version mismatch, no room for the runtime
         where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
         raise RayStartError(f"--ray: could not start or join {where}: {describe_error(e)}") from e
@@ -793,8 +797,9 @@ def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
                 entry.status, entry.error = "cancelled", reason
         ledger.write_report()
     failed = ledger.count("failed", "invalid", "cancelled")
-    ledger.say(f"batch: {ledger.count('done')} done, {ledger.count('skipped')} skipped (already done), {failed} "
-               f"failed, in {time.monotonic() - ledger.begun:.0f} s; report: {report}")
+    ledger.say(f"batch: {ledger.count('done')} done, {ledger.count('skipped')} skipped (already done), "
+               f"{ledger.count('failed', 'invalid')} failed, {ledger.count('cancelled')} cancelled, in "
+               f"{time.monotonic() - ledger.begun:.0f} s; report: {report}")
     if stop.is_set():
         return 130
     return 1 if failed else 0

@@ -69,9 +69,9 @@ def _wait_for(what: str, ready, timeout: float = 300.0):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _running_with_partial(jobs_file: Path, line: int | None = None):
+def _running_with_partial(jobs_file: Path, line: int | None = None, pid: int | str = "*"):
     """(entry, partial file) of a job (on `line`, or any) that is sampling now: running in the report, its
-    mp4 being written."""
+    mp4 being written (by process `pid`, or any)."""
     try:
         report = _report(jobs_file)
     except (FileNotFoundError, json.JSONDecodeError):
@@ -79,7 +79,7 @@ def _running_with_partial(jobs_file: Path, line: int | None = None):
     for entry in report["jobs"]:
         out = Path(entry["out"])
         running = entry["status"] == "running" and line in (None, entry["line"])
-        partial = list(out.parent.glob(f".{out.name}.*.partial")) if running else []
+        partial = list(out.parent.glob(f".{out.name}.{pid}.partial")) if running else []
         if partial:
             return entry, partial[0]
     return None
@@ -228,27 +228,37 @@ def test_rerun_does_no_work(embedded: dict, tiny_models: Path, capsys):
     assert [j["status"] for j in report["jobs"]] == ["skipped", "invalid", "skipped"]
 
 
-def test_killed_batch_leaves_no_half_file_and_the_next_run_completes_the_rest(tiny_models: Path, inputs: Path,
-                                                                             embedded: dict, capsys):
+def test_killed_or_interrupted_batch_leaves_no_half_file_and_the_next_run_completes_the_rest(
+        tiny_models: Path, inputs: Path, embedded: dict):
     folder = inputs.parent / "killed"
     jobs = _jobs_file(folder, [JOBS[0], JOBS[2]])
-    cmd = [sys.executable, "-m", "emocast_lib", "batch", str(jobs), "--models", str(tiny_models), "--threads", "1"]
-    with open(folder / "batch.log", "w") as log:
-        child = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            _wait_for("the second job to be writing its video", lambda: _running_with_partial(jobs, line=2))
-            child.send_signal(signal.SIGKILL)
-            child.wait(timeout=60)
-        finally:
-            child.kill()
     out = folder / "out"
-    assert (out / "a.mp4").is_file() and not (out / "b.mp4").exists()  # nothing under the final name
+    cmd = [sys.executable, "-m", "emocast_lib", "batch", str(jobs), "--models", str(tiny_models), "--threads", "1"]
+
+    def run_until_line_2_samples(sig: int, log: Path) -> int:
+        with open(log, "w") as sink:
+            child = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=sink, stderr=subprocess.STDOUT)
+            try:
+                _wait_for("line 2 to be writing its video", lambda: _running_with_partial(jobs, 2, child.pid))
+                child.send_signal(sig)
+                return child.wait(timeout=120)
+            finally:
+                child.kill()
+
+    # SIGKILL: the first video is complete, the second was being written; nothing under its final name.
+    assert run_until_line_2_samples(signal.SIGKILL, folder / "kill.log") == -signal.SIGKILL
+    assert (out / "a.mp4").is_file() and not (out / "b.mp4").exists()
     assert _report(jobs)["jobs"][1]["status"] == "running"  # the report is honest about the killed run
+    # Ctrl-C: the running job stops at its next step; no half file, the killed run's temporary file is gone too.
+    assert run_until_line_2_samples(signal.SIGINT, folder / "interrupt.log") == 130
+    assert sorted(p.name for p in out.iterdir()) == ["a.mp4"]
+    assert [j["status"] for j in _report(jobs)["jobs"]] == ["skipped", "cancelled"]
+    # The next run does the rest, and only the rest.
     assert main(["batch", str(jobs), "--models", str(tiny_models), "--threads", "1"]) == 0
     assert [j["status"] for j in _report(jobs)["jobs"]] == ["skipped", "done"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.mp4", "b.mp4"] and not _partials(folder)  # stale one removed
+    assert sorted(p.name for p in out.iterdir()) == ["a.mp4", "b.mp4"] and not _partials(folder)
     reference = embedded["jobs"].parent / "out"
-    for name in ("a.mp4", "b.mp4"):  # a fresh process and a resumed batch make the same videos
+    for name in ("a.mp4", "b.mp4"):  # the same videos as one uninterrupted run
         assert np.array_equal(_frames(out / name), _frames(reference / name))
 
 
