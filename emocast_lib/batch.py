@@ -256,16 +256,15 @@ def check_outputs_distinct(jobs: list[JobLine]) -> None:
 # --- the settings record: what makes a rerun skip a job ---------------------------------------------------
 
 def _model_files(settings: ModelSettings, identity: bool) -> list[Path]:
-    """The files a session reads, as job.Session finds them."""
+    """The files a session reads (layout's entries, folders expanded; the checkpoint as job.Session finds it)."""
     from .job import default_checkpoint
 
     models = Path(settings.models)
-    files = [Path(settings.checkpoint) if settings.checkpoint else default_checkpoint(models),
-             layout.VAE.path(models), layout.CLIP_L.path(models), layout.LANDMARKER.path(models),
-             layout.WAV2VEC.path(models) / "config.json", layout.WAV2VEC.path(models) / "model.safetensors"]
-    if identity:
-        files += sorted(layout.FACE_ANALYSIS.path(models).glob("*.onnx"))
-    return files
+    entries = [Path(settings.checkpoint) if settings.checkpoint else default_checkpoint(models)]
+    entries += [f.path(models) for f in layout.REQUIRED if f is not layout.NET
+                and (identity or f is not layout.FACE_ANALYSIS)]
+    files = {p for e in entries for p in ([e] if e.is_file() else e.rglob("*")) if p.is_file()}
+    return sorted(p for p in files if not p.name.startswith("."))
 
 
 def _quick_digest(path: Path, span: int = 1 << 20) -> str:
@@ -496,9 +495,13 @@ def run_embedded(ledger: Ledger, tasks: list[Task], settings: ModelSettings, ide
             if stop.is_set():
                 break
             entry = ledger.entries[task.index]
+
+            def progress(fraction: float, entry: Entry = entry) -> None:
+                entry.progress = fraction
+                ledger.draw()
+
             ledger.start(entry, worker.name)
-            result = worker.run(task, on_progress=lambda _: ledger.draw())
-            entry.progress = worker.progress
+            result = worker.run(task, on_progress=progress)
             ledger.finish(entry, result["status"], result.get("error"))
     finally:
         worker.session.close()
@@ -698,8 +701,7 @@ def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> list
         if job.error:
             continue
         out: Path = job.values["out"]
-        ours = read_record(out) is not None if out.is_file() else False
-        if out.exists() and not (ours or redo):
+        if out.is_file() and not redo and read_record(out) is None:
             job.error = (f"out: {out} exists and was not made by this command; move it away, or pass --redo to "
                          "replace it")
             continue
