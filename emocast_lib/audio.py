@@ -15,11 +15,12 @@ import numpy as np
 import soundfile
 import soxr
 import torch
-from safetensors import safe_open
 import torch.nn.functional as F
+from safetensors import safe_open
 
 __all__ = [
-    "AudioFeatures", "AudioInfo", "MAX_SECONDS", "to_16k_mono", "probe_audio", "load_audio_file", "normalize", "load_wav2vec2", "encode_audio",
+    "AudioFeatures", "AudioInfo", "MAX_SECONDS", "to_16k_mono", "probe_audio", "load_audio_file", "normalize",
+    "load_wav2vec2", "encode_audio",
     "window_frames", "separate_vocals", "load_separated_16k", "SEPARATOR_FILES",
 ]
 
@@ -288,7 +289,9 @@ def separate_vocals(audio_path: str | Path, model_dir: str | Path, output_dir: s
     except ImportError as e:
         raise ImportError(
             "vocal separation needs the optional package audio-separator: "
-            "`pip install \"audio-separator[cpu]\"` (or `[gpu]`), or disable vocal separation") from e
+            "`pip install -c <(python -c \"import torch; print('torch==' + torch.__version__.split('+')[0])\") "
+            "\"audio-separator[cpu]\"` (or `[gpu]`; the constraint keeps your torch), or disable vocal separation"
+        ) from e
     output_dir.mkdir(parents=True, exist_ok=True)
     separator = Separator(output_dir=str(output_dir), output_single_stem="vocals",
                           model_file_dir=str(model_dir), output_format="WAV")

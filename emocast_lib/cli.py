@@ -24,8 +24,13 @@ OPTION = {"image": "--image", "audio": "--audio", "out": "--out", "emotion": "--
           "checkpoint": "--checkpoint", "device": "--device", "precision": "--precision"}
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in --help, except for switches and options whose help explains their default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, []) or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +46,8 @@ def _number(kind):
         try:
             return kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
     parse.__name__ = kind.__name__
     return parse
 
@@ -56,15 +62,17 @@ def _segment(text: str):
     try:
         start, end = float(parts[0]), float(parts[1])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: START and END must be seconds, e.g. 0:1.5:A happy portrait.")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: START and END must be seconds, e.g. 0:1.5:A happy portrait.") from None
     return Segment(parts[2], start, end)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dataclasses import fields
 
+    from .audio import MAX_SECONDS
     from .config import SamplingConfig
-    from .job import JobSpec
+    from .job import CROP_MODES, MAX_PROMPT_TOKENS, PASTE_MAX_SIDE, JobSpec
 
     default = {f.name: f.default for f in fields(JobSpec)}
     parser = _Parser(prog="python -m emocast_lib", description="EmoCAST talking portraits.")
@@ -74,19 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="photo + speech + emotion text -> talking-portrait mp4 with the sound",
                        description="Photo + speech + emotion text -> talking-portrait mp4 with the input's sound. "
                                    "Every input is checked before any model loads.")
+
+    def number(option: str, kind: type, text: str) -> None:  # a JobSpec number, with its default
+        g.add_argument(option, type=_number(kind), default=default[option[2:].replace("-", "_")], help=text)
+
     g.add_argument("--image", type=Path, default=EXAMPLES / "portrait.png",
                    help="photo with one face: any size (non-square photos are cropped around the face), any "
                         "format PIL reads; EXIF orientation applied")
     g.add_argument("--audio", type=Path, default=EXAMPLES / "speech.wav",
                    help="speech: any file FFmpeg decodes (wav, flac, mp3, m4a, ogg/opus, a video's sound), "
-                        "up to 10 minutes")
-    g.add_argument("--emotion", default=default["emotion"], help="free-text emotion prompt (CLIP, at most 75 tokens)")
+                        f"up to {MAX_SECONDS / 60:g} minutes")
+    g.add_argument("--emotion", default=default["emotion"],
+                   help=f"free-text emotion prompt (CLIP, at most {MAX_PROMPT_TOKENS} tokens)")
     g.add_argument("--segment", type=_segment, action="append", default=[], metavar="START:END:TEXT",
                    help="an emotion over a time range in seconds, repeatable; replaces --emotion (the last "
                         "segment holds to the end)")
-    g.add_argument("--crossfade", type=_number(float), default=default["crossfade"], help="seconds of each crossfade between segments")
+    number("--crossfade", float, "seconds of each crossfade between segments")
     g.add_argument("--truncate-prompt", action="store_true",
-                   help="drop the last words of a prompt over 75 tokens instead of stopping")
+                   help=f"drop the last words of a prompt over {MAX_PROMPT_TOKENS} tokens instead of stopping")
     g.add_argument("--models", type=Path, default=Path("models"), help="ComfyUI-style models folder (see README)")
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="EmoCAST network, .pth or converted .safetensors (default: MODELS/emocast/net.pth, "
@@ -94,22 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=Path("out.mp4"), help="output mp4 (H.264 + AAC)")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--steps", type=_number(int), default=None,
-                   help=f"denoising steps per clip (default: what the checkpoint declares, else {SamplingConfig.steps})")
-    g.add_argument("--cfg", type=_number(float), default=default["cfg"], help="guidance scale")
-    g.add_argument("--seed", type=_number(int), default=default["seed"], help="seed of the initial noise (0 .. 2^64-1)")
-    g.add_argument("--fps", type=_number(int), default=default["fps"], help="frames per second")
-    g.add_argument("--clip-length", type=_number(int), default=default["clip_length"], help="frames generated per clip")
-    g.add_argument("--pose-weight", type=_number(float), default=default["pose_weight"], help="audio strength on head pose")
-    g.add_argument("--face-weight", type=_number(float), default=default["face_weight"], help="audio strength on expression")
-    g.add_argument("--lip-weight", type=_number(float), default=default["lip_weight"], help="audio strength on lip motion")
-    g.add_argument("--expand-ratio", type=_number(float), default=default["expand_ratio"], help="face box expansion for the masks")
-    g.add_argument("--crop", choices=("auto", "face", "none"), default=default["crop"],
+                   help="denoising steps per clip (default: what the checkpoint declares, else "
+                        f"{SamplingConfig.steps})")
+    number("--cfg", float, "guidance scale")
+    number("--seed", int, "seed of the initial noise (0 .. 2^64-1)")
+    number("--fps", int, "frames per second")
+    number("--clip-length", int, "frames generated per clip")
+    number("--pose-weight", float, "audio strength on head pose")
+    number("--face-weight", float, "audio strength on expression")
+    number("--lip-weight", float, "audio strength on lip motion")
+    number("--expand-ratio", float, "face box expansion for the masks")
+    g.add_argument("--crop", choices=CROP_MODES, default=default["crop"],
                    help="auto: a square crop around the face when the photo is not square; face: always crop; "
                         "none: use the photo whole (it must be square)")
-    g.add_argument("--crop-scale", type=_number(float), default=default["crop_scale"], help="crop side relative to the face size")
+    number("--crop-scale", float, "crop side relative to the face size")
     g.add_argument("--paste-back", action="store_true",
                    help="return the video at the photo's framing (the animated crop pasted into the photo, "
-                        "at most 1920 px)")
+                        f"at most {PASTE_MAX_SIDE} px)")
     g.add_argument("--no-identity", action="store_true",
                    help="skip face recognition and use the zero identity (the original code's no-face fallback)")
     g.add_argument("--vocal-separation", action="store_true", help="separate the voice first (needs audio-separator)")
@@ -172,7 +186,6 @@ def _problem_line(problem) -> str:
 def _quiet_libraries() -> None:
     """Keep the libraries' own chatter (MediaPipe's C++ logs, TFLite notes, weight-loading bars) out of
     the progress lines; real errors still arrive as exceptions."""
-    import logging
     import os
     import warnings
 
@@ -181,7 +194,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("emocast").addHandler(logging.StreamHandler())
 
 
 def batch(args: argparse.Namespace) -> int:
@@ -215,6 +227,9 @@ def generate(args: argparse.Namespace) -> int:
     except JobError as e:
         printer.end_line()
         return _fail([_problem_line(p) for p in e.problems])
+    except (OSError, ValueError) as e:  # the environment during the run: a full disk, a vanished input...
+        printer.end_line()
+        return _fail([f"{type(e).__name__}: {e}"])
     printer.end_line()
     print(f"wrote {out} in {time.perf_counter() - started:.0f} s")
     return 0

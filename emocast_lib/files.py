@@ -98,12 +98,12 @@ def publish(tmp: Path, dst: Path, overwrite: bool = False) -> None:
     try:
         os.link(tmp, dst)  # fails if dst exists: no window in which another file could be replaced
     except FileExistsError:
-        raise OutputError(f"{dst} appeared while it was being written; the new file was not saved over it")
+        raise OutputError(f"{dst} appeared while it was being written; the new file was not saved over it") from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         if dst.exists():  # a file system without hard links: check, then rename
-            raise OutputError(f"{dst} appeared while it was being written; the new file was not saved over it")
+            raise OutputError(f"{dst} appeared while it was being written; the new file was not saved over it") from e
         os.replace(tmp, dst)
         return
     tmp.unlink()

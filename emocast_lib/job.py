@@ -32,6 +32,7 @@ import unicodedata
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterator
 
@@ -218,12 +219,14 @@ def load_photo(path: str | Path) -> np.ndarray:
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_PHOTO_PIXELS:
-                    raise ValueError(f"{path} is {w}x{h} ({w * h / 1e6:.0f} megapixels), more than the "
-                                     f"{MAX_PHOTO_PIXELS / 1e6:.0f} MP limit; scale it down")
+                    raise Image.DecompressionBombError(f"{w}x{h} pixels")
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im, path)
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{path} is too large to decode safely ({_reason(e)}); the limit is "
+                             f"{MAX_PHOTO_PIXELS / 1e6:.0f} megapixels: scale it down") from e
+        except UnidentifiedImageError as e:
             raise ValueError(f"{path} is not an image PIL can read ({_reason(e)}); give a PNG, JPEG or WebP "
                              "photo") from e
         except (OSError, SyntaxError, EOFError, struct.error) as e:
@@ -347,13 +350,33 @@ def _device_problems(device: str, precision: str) -> list[Problem]:
 
 
 def _checkpoint_problems(path: Path) -> list[Problem]:
-    from .checkpoint import CheckpointError, checkpoint_config, read_metadata
+    """The checkpoint's declared config and its keys/shapes against that network, from the safetensors header
+    or the memory-mapped pickle: no tensor data is read."""
+    import torch
+
+    from .checkpoint import CheckpointError, check_state_dict, checkpoint_config, read_metadata, read_state_dict
 
     try:
-        checkpoint_config(path, read_metadata(path))
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            metadata = read_metadata(path)
+            with safe_open(path, framework="pt") as f:
+                shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        else:
+            shapes, metadata = read_state_dict(path)  # memory-mapped: only the shapes are looked at
+        check_state_dict(shapes, _net_shapes(checkpoint_config(path, metadata)), str(path))
     except CheckpointError as e:
         return [Problem("checkpoint", str(e).splitlines()[0])]
     return []
+
+
+@lru_cache(maxsize=4)
+def _net_shapes(config) -> dict[str, tuple[int, ...]]:
+    """checkpoint.net_shapes, kept per config: building the network on the meta device takes a second."""
+    from .checkpoint import net_shapes
+
+    return net_shapes(config)
 
 
 def _safetensors_keys(path: Path) -> tuple[list[str] | None, str | None]:
@@ -400,7 +423,8 @@ def _wav2vec_problem(folder: Path) -> str | None:
     except (ValueError, UnicodeDecodeError) as e:
         return f"{config} is not valid JSON ({_reason(e)}); download it again from {layout.WAV2VEC.source}"
     fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "conv_dim")
-    if not isinstance(cfg, dict) or cfg.get("model_type", "wav2vec2") != "wav2vec2" or any(f not in cfg for f in fields):
+    if not isinstance(cfg, dict) or cfg.get("model_type", "wav2vec2") != "wav2vec2" or any(f not in cfg
+                                                                                         for f in fields):
         return (f"{config} is not a wav2vec2 config (it needs model_type wav2vec2 and {', '.join(fields)}); "
                 f"download it again from {layout.WAV2VEC.source}")
     _, problem = _safetensors_keys(weights)
@@ -411,7 +435,8 @@ def _landmarker_problem(path: Path) -> str | None:
     import zipfile
 
     if not zipfile.is_zipfile(path):
-        return f"{path} is not a MediaPipe .task bundle (truncated or another file); download it again from {layout.LANDMARKER.source}"
+        return (f"{path} is not a MediaPipe .task bundle (truncated or another file); download it again from "
+                f"{layout.LANDMARKER.source}")
     return None
 
 
@@ -506,7 +531,8 @@ def detect_face(task: Path, rgb: np.ndarray) -> np.ndarray:
 @contextmanager
 def native_stderr_quiet() -> Iterator[None]:
     """Hold back what native libraries print on file descriptor 2 (MediaPipe's TFLite and absl notes on
-    every landmarker start); it is printed after all if the block fails."""
+    every landmarker start); it is printed after all if the block fails other than with a ValueError
+    (an input problem, reported on its own)."""
     import os
     import sys
     import tempfile
@@ -517,6 +543,8 @@ def native_stderr_quiet() -> Iterator[None]:
         os.dup2(held.fileno(), 2)
         try:
             yield
+        except ValueError:
+            raise
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)
@@ -634,7 +662,8 @@ class Session:
         self.device = _pick_device(settings.device)
         self.dtype = _pick_dtype(settings.precision, self.device)
         self.on_progress = on_progress
-        self.portraits, self.emotions, self.audio_features = _Lru(portrait_cache), _Lru(emotion_cache), _Lru(audio_cache)
+        self.portraits, self.emotions = _Lru(portrait_cache), _Lru(emotion_cache)
+        self.audio_features = _Lru(audio_cache)
         self._m = _Models()
 
     def __enter__(self) -> "Session":
@@ -657,26 +686,27 @@ class Session:
         from .checkpoint import CheckpointError
 
         self._say("load", f"loading {what.what} from {path}{_size_text(path)}")
+        field = "checkpoint" if what is layout.NET else "models"
         try:
-            model = make()
-        except (CheckpointError, JobError):
+            return make()
+        except JobError:
             raise
+        except CheckpointError as e:
+            raise JobError([Problem(field, str(e).splitlines()[0])]) from e
+        except MemoryError as e:
+            raise JobError([Problem(field, f"not enough memory to load {path}; close other programs, or use a GPU "
+                                           "(--device) or half precision (--precision bf16)")]) from e
         except Exception as e:  # any damage in a file the headers did not show
-            raise JobError([Problem("models" if what is not layout.NET else "checkpoint",
-                                    f"{path} cannot be loaded as the {what.what} ({_reason(e)}); download it again "
-                                    f"from {what.source}")]) from e
-        return model
+            raise JobError([Problem(field, f"{path} cannot be loaded as the {what.what} ({_reason(e)}); download it "
+                                           f"again from {what.source}")]) from e
 
     @property
     def net(self):
         if self._m.net is None:
-            from .checkpoint import STEPS_KEY, CheckpointError, load_net, read_metadata
+            from .checkpoint import STEPS_KEY, load_net, read_metadata
 
             def make():
-                try:
-                    net = load_net(self.checkpoint, dtype=self.dtype, device=self.device)
-                except CheckpointError as e:
-                    raise JobError([Problem("checkpoint", str(e).splitlines()[0])]) from e
+                net = load_net(self.checkpoint, dtype=self.dtype, device=self.device)
                 _refuse_nonfinite(net, self.checkpoint, "checkpoint")
                 return net
 
@@ -855,9 +885,12 @@ def run_job(session: Session, spec: JobSpec, on_progress: OnProgress | None = No
     `on_progress` gets Progress events (default: the session's); `should_stop()` is asked before every
     denoising step and ends the job with sampling.GenerationCancelled. `metadata` goes into the mp4's
     container tags (the batch records the job's settings there)."""
+    import torch
+
     from . import audio as audio_lib
     from .face import paste_back
-    from .pipeline import AudioWindows, Emotion, iter_clips
+    from .files import OutputError
+    from .pipeline import AudioWindows, iter_clips
     from .video import Mp4Writer
 
     say = on_progress or session.on_progress or (lambda p: None)
@@ -893,11 +926,13 @@ def run_job(session: Session, spec: JobSpec, on_progress: OnProgress | None = No
         say(Progress("sample", f"clip {clip + 1}/{clips} step {step + 1}/{settings.steps}", clip + 1, clips, done,
                      total, eta))
 
-    with Mp4Writer(spec.out, spec.fps, wave, rate, overwrite=spec.overwrite, metadata=metadata) as writer:
+    try:
+        writer = Mp4Writer(spec.out, spec.fps, wave, rate, overwrite=spec.overwrite, metadata=metadata)
+    except OutputError as e:  # the output changed since the checks (another process wrote it)
+        raise JobError([Problem("out", str(e))]) from e
+    with writer:
         for clip in iter_clips(net, session.vae, prepared.portrait, AudioWindows(feats.windowed, feats.audio_length),
                                emotion, settings, on_step=on_step, should_stop=should_stop):
-            import torch
-
             if not bool(torch.isfinite(clip.latents).all()):
                 raise JobError([Problem("checkpoint", f"clip {clip.index + 1} came out with NaN or infinite values: "
                                         f"a model file under {session.models} or {session.checkpoint} is damaged, or "
@@ -936,7 +971,7 @@ def _emotion(session: Session, spec: JobSpec, frames: int, say: OnProgress):
     uncond = session.emotion("", False).hidden
     if not spec.schedule:
         return Emotion(encoded[0].hidden, uncond)
-    segments = [(e.hidden[0], s.start, s.end) for e, s in zip(encoded, spec.schedule)]
+    segments = [(e.hidden[0], s.start, s.end) for e, s in zip(encoded, spec.schedule, strict=True)]
     return Emotion(emotion_schedule(segments, spec.crossfade, spec.fps, frames), uncond)
 
 

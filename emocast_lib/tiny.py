@@ -45,7 +45,8 @@ TINY_CLIP_TEXT: dict[str, Any] = {
 }
 
 TINY_WAV2VEC: dict[str, Any] = {
-    "hidden_size": 32, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "hidden_size": 32, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
     "conv_bias": False, "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_hidden_layers": 12,
     "num_attention_heads": 4, "intermediate_size": 64, "num_conv_pos_embeddings": 128,
     "num_conv_pos_embedding_groups": 16, "vocab_size": 32,
@@ -150,16 +151,20 @@ def check_tiny_target(root: str | Path, force: bool = False) -> None:
     planned = set(planned_files(root))
     # Extra detectors next to ours would change which face models InsightFace picks up.
     existing += sorted(p for p in faces.glob("*.onnx") if p not in planned) if faces.is_dir() else []
+
+    def names(paths: list[Path]) -> str:
+        return ", ".join(str(p.relative_to(root)) for p in paths)
+
     if existing and not force:
         raise TinyModelsError(
-            f"{root} already holds {len(existing)} of the files make-tiny-models writes: "
-            f"{', '.join(str(p) for p in existing)}. Nothing was written. Choose an empty folder (e.g. models-tiny)"
+            f"{root} already holds {len(existing)} of the files make-tiny-models writes: {names(existing)}. "
+            "Nothing was written. Choose an empty folder (e.g. models-tiny)"
             + ("; they are all tiny test models, so --force may replace them" if all(map(is_tiny_model, existing))
                else "; files that are not tiny test models are never replaced"))
     foreign = [p for p in existing if not is_tiny_model(p)]
     if foreign:
         raise TinyModelsError(
-            f"{root} holds files that are not tiny test models: {', '.join(str(p) for p in foreign)}. Nothing was "
+            f"{root} holds files that are not tiny test models: {names(foreign)}. Nothing was "
             "written, even with --force (it only replaces tiny test models). Choose an empty folder (e.g. models-tiny)")
     problems = [problem for p in planned_files(root) if (problem := output_problem(p, overwrite=True, what="file"))]
     if problems:

@@ -46,7 +46,15 @@ class Mp4Writer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.path)
         self._tmp = partial_path(self.path)
-        self.container = av.open(str(self._tmp), mode="w", format="mp4")
+        # A file object of our own: the temporary file exists from here on (FFmpeg would create it only with
+        # the first packet), so an interrupted run can be cleaned up whatever the encoder buffered.
+        self._file = open(self._tmp, "wb")
+        try:
+            self.container = av.open(self._file, mode="w", format="mp4")
+        except BaseException:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
         self.container.metadata.update(metadata or {})
         self.video = None
         self.frames = 0
@@ -70,7 +78,8 @@ class Mp4Writer:
                 self.sound = self.container.add_stream("aac", rate=self.sound_rate,
                                                        layout=_LAYOUTS[self.audio.shape[0]])
         for img in rgb:
-            for packet in self.video.encode(self._av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+            frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            for packet in self.video.encode(frame):
                 self.container.mux(packet)
         self.frames += len(rgb)
 
@@ -105,6 +114,7 @@ class Mp4Writer:
             if self.audio is not None:
                 self._write_audio()
             self.container.close()
+            self._file.close()
             publish(self._tmp, self.path, self.overwrite)
         except BaseException:
             self.abort()
@@ -117,6 +127,7 @@ class Mp4Writer:
             self.container.close()
         except Exception:  # a container broken mid-write cannot be closed cleanly; it is deleted anyway
             pass
+        self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "Mp4Writer":

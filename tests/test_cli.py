@@ -95,6 +95,7 @@ def test_missing_input_file(tiny_models: Path, tmp_path: Path, capsys):
 def test_silent_audio_error(tiny_models: Path, tmp_path: Path, capsys):
     empty = tmp_path / "empty.wav"
     soundfile.write(empty, np.zeros(0, np.float32), 16000)
-    assert main(["generate", "--models", str(tiny_models), "--audio", str(empty), "--out", str(tmp_path / "o.mp4")]) == 2
+    out = tmp_path / "o.mp4"
+    assert main(["generate", "--models", str(tiny_models), "--audio", str(empty), "--out", str(out)]) == 2
     assert f"error: --audio: {empty} contains no audio samples" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.wav"]
