@@ -691,13 +691,13 @@ def add_parser(sub) -> None:
                    help="with a local Ray runtime, start Ray's dashboard (http://127.0.0.1:8265, needs ray[default])")
 
 
-def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> list[tuple[JobLine, JobSpec]]:
-    """JobSpecs of the good lines (job.check_job); bad lines get their error. An existing output is
-    replaced only when this command made it (with other settings), or with --redo."""
+def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> list[tuple[int, JobSpec]]:
+    """(index, JobSpec) of the good lines (job.check_job); bad lines get their error. An existing output
+    is replaced only when this command made it (with other settings), or with --redo."""
     from .job import check_job
 
     specs = []
-    for job in lines:
+    for i, job in enumerate(lines):
         if job.error:
             continue
         out: Path = job.values["out"]
@@ -710,7 +710,7 @@ def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> list
         if problems:
             job.error = "; ".join(map(str, problems))
         else:
-            specs.append((job, spec))
+            specs.append((i, spec))
     return specs
 
 
@@ -761,15 +761,13 @@ def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
 
     entries = [Entry(j.line, str(j.values.get("out", "")), status="invalid" if j.error else "pending",
                      error=j.error or None) for j in lines]
-    index = {id(j): i for i, j in enumerate(lines)}
     tasks = []
-    for job, spec in specs:
+    for i, spec in specs:
         record = settings_record(spec, settings.precision, models, digest)
-        entry = entries[index[id(job)]]
         if not args.redo and spec.overwrite and read_record(spec.out) == record:
-            entry.status = "skipped"
+            entries[i].status = "skipped"
         else:
-            tasks.append(Task(index[id(job)], spec, record))
+            tasks.append(Task(i, spec, record))
     report = args.report or args.jobs.with_suffix(".report.json")
     ledger = Ledger(entries, report, args.jobs, "ray" if args.ray is not None else "embedded", stream)
     if entries and (skipped := ledger.count("skipped")):
