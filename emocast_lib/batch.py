@@ -596,53 +596,57 @@ def _drive(ray, ledger: Ledger, tasks: list[Task], settings: ModelSettings, iden
     for _ in range(count):
         spawn()
     replacements, trouble, stopping, polled = count, "", False, 0.0
-    while queue or busy:
-        if stop.is_set() and not stopping:
-            stopping = True
-            for handle, _ in busy.values():
-                handle.stop.remote()
-        while idle and queue and not stopping:
-            handle, task = idle.pop(), queue.popleft()
-            busy[handle.run.remote(task)] = (handle, task)
-            ledger.start(ledger.entries[task.index], names[handle])
-        if not busy and (stopping or not loading):
-            break
-        ready, _ = ray.wait([*loading, *busy], num_returns=1, timeout=0.5)
-        for ref in ready:
-            if ref in loading:
-                handle = loading.pop(ref)
+    try:
+        while queue or busy:
+            if stop.is_set() and not stopping:
+                stopping = True
+                for handle, _ in busy.values():
+                    handle.stop.remote()
+            while idle and queue and not stopping:
+                handle, task = idle.pop(), queue.popleft()
+                busy[handle.run.remote(task)] = (handle, task)
+                ledger.start(ledger.entries[task.index], names[handle])
+            if not busy and (stopping or not loading):
+                break
+            ready, _ = ray.wait([*loading, *busy], num_returns=1, timeout=0.5)
+            for ref in ready:
+                if ref in loading:
+                    handle = loading.pop(ref)
+                    try:
+                        names[handle] = ray.get(ref)
+                        idle.append(handle)
+                    except ray.exceptions.RayError as e:  # its models did not load: not replaced
+                        trouble = f"a worker did not start: {describe_error(e)}"
+                        ledger.say(f"ray: {trouble}")
+                    continue
+                handle, task = busy.pop(ref)
+                entry = ledger.entries[task.index]
                 try:
-                    names[handle] = ray.get(ref)
-                    idle.append(handle)
-                except ray.exceptions.RayError as e:  # its models did not load: not replaced
-                    trouble = f"a worker did not start: {describe_error(e)}"
-                    ledger.say(f"ray: {trouble}")
-                continue
-            handle, task = busy.pop(ref)
-            entry = ledger.entries[task.index]
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayActorError as e:  # the worker process died (crash, OOM kill, lost node)
-                trouble = f"worker {entry.worker} died"
-                retry = not entry.attempts and not stopping
-                ledger.finish(entry, "failed", f"{trouble} ({type(e).__name__})", retry=retry)
-                if retry:
-                    queue.appendleft(task)
-                if queue and replacements and not stopping:
-                    replacements -= 1
-                    spawn()
-                continue
-            ledger.finish(entry, result["status"], result.get("error"))
-            idle.append(handle)
-        if busy and time.monotonic() - polled > 1.0:
-            polled = time.monotonic()
-            asked = {ref: handle.progress.remote() for ref, (handle, _) in busy.items()}
-            for ref, answer in asked.items():
-                try:
-                    ledger.entries[busy[ref][1].index].progress = ray.get(answer, timeout=1.0)
-                except ray.exceptions.RayError:
-                    pass
-            ledger.draw()
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:  # the worker process died (crash, OOM kill, lost node)
+                    trouble = f"worker {entry.worker} died"
+                    retry = not entry.attempts and not stopping
+                    ledger.finish(entry, "failed", f"{trouble} ({type(e).__name__})", retry=retry)
+                    if retry:
+                        queue.appendleft(task)
+                    if queue and replacements and not stopping:
+                        replacements -= 1
+                        spawn()
+                    continue
+                ledger.finish(entry, result["status"], result.get("error"))
+                idle.append(handle)
+            if busy and time.monotonic() - polled > 1.0:
+                polled = time.monotonic()
+                asked = {ref: handle.progress.remote() for ref, (handle, _) in busy.items()}
+                for ref, answer in asked.items():
+                    try:
+                        ledger.entries[busy[ref][1].index].progress = ray.get(answer, timeout=1.0)
+                    except ray.exceptions.RayError:
+                        pass
+                ledger.draw()
+    finally:  # a worker still loading its models would outlive the runtime by a minute
+        for handle in [*loading.values(), *idle, *(h for h, _ in busy.values())]:
+            ray.kill(handle)
     for task in queue:
         entry = ledger.entries[task.index]
         entry.status = "cancelled" if stopping else "failed"
