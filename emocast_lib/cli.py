@@ -1,4 +1,4 @@
-"""The command line, parsed here and only here: `python -m emocast_lib {generate,make-tiny-models,convert}`.
+"""The command line, parsed here and only here: `python -m emocast_lib {generate,make-tiny-models,convert,batch}`.
 
 Each command turns its arguments into typed values (job.JobSpec, job.ModelSettings, paths) and calls the
 library; the option defaults are JobSpec's. The first line is printed before anything heavy is imported;
@@ -14,7 +14,8 @@ from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "workflows" / "inputs"
 FIRST_LINE = {"generate": "EmoCAST generate: checking the inputs (no model loads before they pass) ...",
-              "make-tiny-models": "make-tiny-models: writing tiny TEST models ..."}
+              "make-tiny-models": "make-tiny-models: writing tiny TEST models ...",
+              "batch": "EmoCAST batch: checking every job (no model loads before they pass) ..."}
 OPTION = {"image": "--image", "audio": "--audio", "out": "--out", "emotion": "--emotion", "schedule": "--segment",
           "crossfade": "--crossfade", "seed": "--seed", "steps": "--steps", "cfg": "--cfg",
           "pose_weight": "--pose-weight", "face_weight": "--face-weight", "lip_weight": "--lip-weight",
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-check", action="store_true",
                    help="skip the strict key/shape check against the released network (for other sizes)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+    from .batch import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
     return parser
 
 
@@ -161,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error argparse has printed
         return int(e.code or 0)
     try:
-        return {"generate": generate, "make-tiny-models": make_tiny, "convert": convert}[args.command](args)
+        commands = {"generate": generate, "make-tiny-models": make_tiny, "convert": convert, "batch": batch}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written under the output name", file=sys.stderr)
         return 130
@@ -188,6 +194,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def batch(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from .batch import main as run_batch
+
+    return run_batch(args)
 
 
 def generate(args: argparse.Namespace) -> int:

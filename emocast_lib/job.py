@@ -877,13 +877,14 @@ def _crop_mode(spec: JobSpec, hw: tuple[int, int] | None) -> str:
 # --- running a job --------------------------------------------------------------------------------
 
 def run_job(session: Session, spec: JobSpec, on_progress: OnProgress | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Path:
+            should_stop: Callable[[], bool] | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Make the video of `spec` with the session's models; returns the mp4 path (see the module docstring).
 
     Order: cheap checks (JobError) -> decode the audio -> load the models not loaded yet -> analyse the
     portrait, encode audio and emotion (cached) -> clips, each written to the mp4 as it is decoded.
     `on_progress` gets Progress events (default: the session's); `should_stop()` is asked before every
-    denoising step and ends the job with sampling.GenerationCancelled."""
+    denoising step and ends the job with sampling.GenerationCancelled. `metadata` goes into the mp4's
+    container tags (the batch records the job's settings there)."""
     import torch
 
     from . import audio as audio_lib
@@ -926,7 +927,7 @@ def run_job(session: Session, spec: JobSpec, on_progress: OnProgress | None = No
                      total, eta))
 
     try:
-        writer = Mp4Writer(spec.out, spec.fps, wave, rate, overwrite=spec.overwrite)
+        writer = Mp4Writer(spec.out, spec.fps, wave, rate, overwrite=spec.overwrite, metadata=metadata)
     except OutputError as e:  # the output changed since the checks (another process wrote it)
         raise JobError([Problem("out", str(e))]) from e
     with writer:

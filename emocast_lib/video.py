@@ -30,9 +30,11 @@ _LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1", 7: "
 
 class Mp4Writer:
     def __init__(self, path: str | Path, fps: int, audio: np.ndarray | torch.Tensor | None = None,
-                 sample_rate: int = 16000, crf: int = 18, overwrite: bool = False):
+                 sample_rate: int = 16000, crf: int = 18, overwrite: bool = False,
+                 metadata: dict[str, str] | None = None):
         """`audio`: float samples in [-1, 1], (samples,) or (channels, samples), at `sample_rate`; louder
-        samples are clipped. Raises files.OutputError when `path` cannot be written (exists, a folder...)."""
+        samples are clipped. `metadata`: container tags (e.g. comment) stored in the file itself. Raises
+        files.OutputError when `path` cannot be written (exists, a folder...)."""
         import av
 
         self._av = av
@@ -53,6 +55,7 @@ class Mp4Writer:
             self._file.close()
             self._tmp.unlink(missing_ok=True)
             raise
+        self.container.metadata.update(metadata or {})
         self.video = None
         self.frames = 0
 
@@ -66,7 +69,9 @@ class Mp4Writer:
             self.video = self.container.add_stream("libx264", rate=Fraction(self.fps))
             self.video.width, self.video.height = rgb.shape[2], rgb.shape[1]
             self.video.pix_fmt = "yuv420p"
-            self.video.options = {"crf": str(self.crf)}
+            # Same frames, same bytes: x264's macroblock-tree rate control (mbtree) now and then encoded
+            # identical frames differently (x264 core 165 in PyAV 18.1, measured), so it is off.
+            self.video.options = {"crf": str(self.crf), "x264-params": "mbtree=0"}
             # Every stream must exist before the first packet is muxed.
             if self.audio is not None:
                 self.sound_rate = next((r for r in AAC_RATES if r >= self.sample_rate and r <= 48000), 48000)
