@@ -69,7 +69,7 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint: str, precision: str) -> io.NodeOutput:
-        from emocast_lib.checkpoint import load_net
+        from emocast_lib.checkpoint import STEPS_KEY, load_net, read_metadata
 
         path = paths.checkpoint_path(checkpoint)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
@@ -86,4 +86,7 @@ class ModelLoader(io.ComfyNode):
         model = patcher_class(net, load_device=load_device, offload_device=offload_device)
         if compute != weight:
             model.set_model_compute_dtype(compute)
+        declared = read_metadata(path).get(STEPS_KEY, "")
+        if declared.isdigit() and int(declared) > 0:  # the sampler's steps 0 means this count
+            model.model_options[STEPS_KEY] = int(declared)
         return io.NodeOutput(model)

@@ -10,13 +10,13 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 import latent_preview
-import numpy as np
 import torch
 from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from emocast_lib.checkpoint import STEPS_KEY
 from emocast_lib.config import SamplingConfig
+from emocast_lib.job import LIMITS, JobError, sampling_config
 from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
 from emocast_lib.video import Mp4Writer
@@ -52,6 +52,11 @@ def check_inputs(net, face: FaceInfo, audio: AudioCond, emotion: EmotionCond) ->
                                 f"takes {cfg.image_proj.embedding_dim}")
 
 
+def weight_input(name: str, tooltip: str) -> io.Float.Input:
+    low, high = LIMITS[name]  # the ranges the CLI and batch accept too
+    return io.Float.Input(name, default=1.0, min=low, max=high, step=0.05, round=0.01, tooltip=tooltip)
+
+
 class Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -71,20 +76,19 @@ class Sampler(io.ComfyNode):
                                                             "fps."),
                 EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
                                                         "Schedule."),
-                io.Int.Input("steps", default=0, min=0, max=200,
+                io.Int.Input("steps", default=0, min=0, max=int(LIMITS["steps"][1]),
                              tooltip="Denoising steps per clip. 0: the count the checkpoint declares, else 40 as "
                                      "the original (the released EmoCAST declares none: 40; the tiny test "
                                      "models declare 4)."),
-                io.Float.Input("cfg", default=3.5, min=0.0, max=20.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=3.5, min=LIMITS["cfg"][0], max=LIMITS["cfg"][1], step=0.1,
+                               round=0.01,
                                tooltip="Guidance scale (3.5 in the original); 1 disables the guidance effect."),
-                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=42, min=int(LIMITS["seed"][0]), max=int(LIMITS["seed"][1]),
+                             control_after_generate=True,
                              tooltip="Seed of the initial noise of every clip."),
-                io.Float.Input("pose_weight", default=1.0, min=0.0, max=3.0, step=0.05, round=0.01,
-                               tooltip="Strength of the audio on head pose (background-mask attention)."),
-                io.Float.Input("face_weight", default=1.0, min=0.0, max=3.0, step=0.05, round=0.01,
-                               tooltip="Strength of the audio on facial expression (face-mask attention)."),
-                io.Float.Input("lip_weight", default=1.0, min=0.0, max=3.0, step=0.05, round=0.01,
-                               tooltip="Strength of the audio on lip motion (lip-mask attention)."),
+                weight_input("pose_weight", "Strength of the audio on head pose (background-mask attention)."),
+                weight_input("face_weight", "Strength of the audio on facial expression (face-mask attention)."),
+                weight_input("lip_weight", "Strength of the audio on lip motion (lip-mask attention)."),
             ],
             outputs=[
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames, trimmed to the speech."),
@@ -141,16 +145,11 @@ class SamplerToVideo(io.ComfyNode):
             filename_prefix, folder_paths.get_output_directory())
         file = f"{name}_{counter:05}_.mp4"
         sound = emocast_audio.audio
-        writer = Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0].mean(0).cpu().numpy(),
-                           int(sound["sample_rate"]), metadata=workflow_metadata(cls.hidden))
-        try:
+        with Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0], int(sound["sample_rate"]),
+                       metadata=workflow_metadata(cls.hidden)) as writer:  # the sound keeps its rate and channels
             for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
                                      (pose_weight, face_weight, lip_weight)):
                 writer.write(clip.frames)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
 
 
@@ -170,19 +169,18 @@ def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: 
     """Checks, then the library's clip generator with ComfyUI's progress bar, previews and Cancel."""
     net = model.model
     check_inputs(net, face, emocast_audio, emotion)
-    # no identity: the zero embedding the reference falls back to, as wide as this model's
-    identity = face.identity if face.identity is not None else np.zeros(net.config.image_proj.embedding_dim,
-                                                                        np.float32)
-    try:
-        inputs = make_portrait(to_uint8(face.image), face.landmarks, identity, net.config.sample_size,
+    try:  # identity None: the library's no-identity embedding (zeros as wide as this model's)
+        inputs = make_portrait(to_uint8(face.image), face.landmarks, face.identity, net.config.sample_size,
                                face.expand_ratio)
     except ValueError as e:
         raise EmoCASTInputError(f"face: {e}") from e
     audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
     # 0 steps: the count EmoCAST Model Loader found declared in the checkpoint (kept in the model's options)
     steps = steps or model.model_options.get(STEPS_KEY) or SamplingConfig.steps
-    settings = SamplingConfig(steps=steps, cfg_scale=cfg, frames_per_clip=emocast_audio.clip_length,
-                              fps=emocast_audio.fps, motion_scale=weights, seed=seed)
+    try:
+        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length)
+    except JobError as e:
+        raise EmoCASTInputError(str(e)) from e
     cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
 
     mm.load_models_gpu([model])

@@ -417,3 +417,19 @@ def test_this_venv_has_what_install_py_promises():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "running:" not in proc.stdout, proc.stdout  # nothing to install the second time
     assert proc.stdout.count("is installed") >= 3 and "only opencv-contrib-python" in proc.stdout
+
+
+def test_steps_zero_runs_the_count_the_checkpoint_declares(inputs):
+    """The Model Loader keeps the checkpoint's declared step count (the tiny net declares it); the sampler's
+    steps 0 runs that many per clip, as the templates ask for."""
+    from emocast_lib.checkpoint import STEPS_KEY
+    from emocast_lib.tiny import TINY_STEPS
+
+    assert inputs["model"].model_options[STEPS_KEY] == TINY_STEPS
+    totals = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: totals.append(total))
+    try:
+        nodes_sampler.Sampler.execute(**{**inputs, "steps": 0})
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert set(totals) == {TINY_STEPS}  # one clip of TINY_STEPS steps
