@@ -57,7 +57,10 @@ def to_16k_mono(waveform: torch.Tensor | np.ndarray, sample_rate: int) -> np.nda
     zero-padded or cut to ceil(n * 16000 / sample_rate) samples. Native 16 kHz input is not resampled.
     For ComfyUI's AUDIO pass `audio["waveform"][0]`.
     """
-    wave = waveform.detach().cpu().float().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform, np.float32)
+    if isinstance(waveform, torch.Tensor):
+        wave = waveform.detach().cpu().float().numpy()
+    else:
+        wave = np.asarray(waveform, np.float32)
     if wave.ndim not in (1, 2):
         raise ValueError(f"audio waveform must be [channels, samples] or [samples], got shape {tuple(wave.shape)}")
     if int(sample_rate) <= 0:
