@@ -1,0 +1,111 @@
+"""What the speed levers do (no timing here: speed is measured by `python -m emocast_lib.bench`).
+
+Exact reuse: the source portrait's VAE latent and reference-UNet rows are computed once and reused
+while the reference context stays the same, bit for bit what a fresh computation gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emocast_lib import pipeline
+from emocast_lib.config import REGIONS, SamplingConfig
+from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, ReferenceBank, diffusers_vae, iter_clips
+from emocast_lib.tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
+
+FRAMES, MOTION = 4, 2
+
+
+@pytest.fixture(scope="module")
+def net():
+    return filled_net(TINY_NET, TINY_SEED)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return filled_vae(TINY_VAE, TINY_SEED)
+
+
+def _inputs(clips: int, emotions: int = 1, seed: int = 0) -> tuple[Portrait, AudioWindows, Emotion]:
+    """Random inputs of the preprocessing's shapes; `emotions` > 1 gives an emotion schedule that
+    changes at clip boundaries (clip c shows emotion min(c, emotions - 1))."""
+    g = torch.Generator().manual_seed(seed)
+    cfg, size = TINY_NET, TINY_NET.sample_size
+    h = size // 8
+    masks = {r: [torch.rand((h >> lvl) ** 2, generator=g) for lvl in range(4)] for r in REGIONS}
+    portrait = Portrait(torch.rand(3, size, size, generator=g) * 2 - 1, torch.randn(cfg.image_proj.embedding_dim,
+                        generator=g), torch.rand(3, size, size, generator=g), masks)
+    ap, d = cfg.audio_proj, cfg.unet.cross_attention_dim
+    audio = AudioWindows(torch.randn(clips * FRAMES, ap.window, ap.layers, ap.channels, generator=g), clips * FRAMES)
+    prompts = torch.randn(emotions, 77, d, generator=g)
+    cond = prompts[[min(c, emotions - 1) for c in range(clips) for _ in range(FRAMES)]]
+    return portrait, audio, Emotion(cond, torch.randn(1, 77, d, generator=g))
+
+
+def _settings(**kw) -> SamplingConfig:
+    return SamplingConfig(**{"steps": 1, "frames_per_clip": FRAMES, "motion_frames": MOTION} | kw)
+
+
+def _rows_per_call(module: torch.nn.Module, calls: list[int]):
+    return module.register_forward_hook(lambda mod, args, out: calls.append(int(args[0].shape[0])))
+
+
+# ------------------------------------------------------------------------------------- exact reuse
+
+@pytest.mark.parametrize("emotions", [1, 2])
+def test_source_rows_computed_once_per_reference_context(net, vae, monkeypatch, emotions):
+    """One emotion: the source is encoded once and its two reference rows run once per video; the
+    first clip (motion frames = source) runs nothing else, later clips only their motion frames. A
+    schedule that changes the clip's emotion recomputes the source rows for the new context only."""
+    encoded: list[int] = []
+    codec = diffusers_vae(vae)
+    encode = codec.encode
+    monkeypatch.setattr(codec, "encode", lambda x: encoded.append(x.shape[0]) or encode(x))
+    rows: list[int] = []
+    hook = _rows_per_call(net.reference_unet, rows)
+    try:
+        clips = list(iter_clips(net, codec, *_inputs(3, emotions), _settings()))
+    finally:
+        hook.remove()
+    assert len(clips) == 3
+    assert encoded == [1, MOTION, MOTION]
+    # clip 0: the source rows only; clip 1: the source rows again if its emotion is new, then its motion rows.
+    assert rows == [2] + [2] * (emotions - 1) + [2 * MOTION, 2 * MOTION]
+
+
+def test_reuse_is_bit_identical_to_fresh_computation(net, vae, monkeypatch):
+    """The bank every clip gets equals, bit for bit, a fresh ReferenceBank (nothing cached) given
+    the same motion frames and context; also across an emotion change."""
+    calls: list[tuple] = []
+
+    class Recording(ReferenceBank):
+        def __call__(self, motion, context):
+            bank = super().__call__(motion, context)
+            calls.append((motion, context, bank))
+            return bank
+
+    monkeypatch.setattr(pipeline, "ReferenceBank", Recording)
+    portrait, audio, emotion = _inputs(3, emotions=2)
+    codec = diffusers_vae(vae)
+    list(iter_clips(net, codec, portrait, audio, emotion, _settings()))
+    assert len(calls) == 3 and calls[0][0] is None and all(c[0] is not None for c in calls[1:])
+    assert not torch.equal(calls[0][1], calls[1][1]) and torch.equal(calls[1][1], calls[2][1])
+    for clip, (motion, context, bank) in enumerate(calls):
+        fresh = ReferenceBank(net, codec, portrait.pixels, MOTION, 0.18215)(motion, context)
+        assert fresh.keys() == bank.keys()
+        assert all(torch.equal(fresh[k], bank[k]) for k in bank), f"clip {clip}: reused rows differ from fresh ones"
+
+
+def test_reference_bank_has_the_released_row_layout(net, vae):
+    """Assembled from the source rows and the motion rows, the bank is the released one-call layout:
+    rows [source, motion 1, motion 2] twice, row i paired with context row i mod 2."""
+    portrait, _, _ = _inputs(1)
+    g = torch.Generator().manual_seed(5)
+    motion = torch.rand(MOTION, *portrait.pixels.shape, generator=g) * 2 - 1
+    context = torch.randn(2, 81, TINY_NET.unet.cross_attention_dim, generator=g)
+    codec = diffusers_vae(vae)
+    with torch.no_grad():
+        bank = ReferenceBank(net, codec, portrait.pixels, MOTION, 0.18215)(motion, context)
+        latents = codec.encode(torch.cat([portrait.pixels[None], motion])) * 0.18215
+        released = net.reference_unet(latents.repeat(2, 1, 1, 1), context)
+    for key, value in released.items():  # batch composition moves float32 sums by ~1e-6
+        torch.testing.assert_close(bank[key], value, rtol=0, atol=1e-4, msg=key)
