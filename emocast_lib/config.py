@@ -137,6 +137,8 @@ class SamplingConfig:
     motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # full (pose), face, lip
     latent_scale: float = LATENT_SCALE
     seed: int = 42
+    # Experimental speed levers, off by default (they change the numerics; emocast_lib/sampling.py):
+    scheduler: str = "ddim"  # "ddim" (released), "dpmpp_2m", "uni_pc"
 
 
 SCHEDULER_CONFIG: dict[str, Any] = {

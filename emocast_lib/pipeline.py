@@ -14,7 +14,7 @@ import torch
 
 from .config import REGIONS, SamplingConfig
 from .models import ClipConditioning, EmoCASTNet
-from .sampling import OnStep, ShouldStop, denoise_clip
+from .sampling import OnStep, ShouldStop, check_settings, denoise_clip
 
 
 @dataclass
@@ -90,6 +90,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
 
     `noise(clip)` may supply each clip's initial latents; by default one CPU generator seeded with
     `settings.seed` draws them in turn, as the released script does with its global generator."""
+    check_settings(settings)
     p = next(net.parameters())
     device, dtype = p.device, p.dtype
     f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
@@ -128,8 +129,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
                                 motion_scale=settings.motion_scale)
         ctx = net.denoising_unet.prepare(cond, bank)
         latents = draw(clip).to(device, dtype)
-        latents = denoise_clip(net.denoising_unet, ctx, latents, settings.steps, settings.cfg_scale, clip,
-                               on_step, should_stop)
+        latents = denoise_clip(net.denoising_unet, ctx, latents, settings, clip, on_step, should_stop)
         video = decode_frames(vae, latents[0].transpose(0, 1) / scale)  # (f, 3, H, W) in [0, 1]
         prev = video[-m:].to(device, dtype) * 2 - 1
         keep = min(f, audio.length - clip * f)
