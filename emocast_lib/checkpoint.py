@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .config import NetConfig
 from .models import EmoCASTNet
+from .models.ops import TorchOps
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 # A checkpoint may say what it is: string entries beside its tensors (safetensors metadata, or keys next to
@@ -212,21 +213,19 @@ def main_convert(argv: list[str] | None = None) -> int:
 
 def net_shapes(config: NetConfig) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the network of `config`, from the model code on the meta device (no memory used)."""
-    with torch.device("meta"):
-        net = EmoCASTNet(config)
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in EmoCASTNet(config, device="meta").state_dict().items()}
 
 
 def load_net(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             config: NetConfig | None = None) -> EmoCASTNet:
+             config: NetConfig | None = None, operations: type | None = None) -> EmoCASTNet:
     """The network with the weights of `path`, strictly checked, floating tensors in `dtype` on `device`.
 
-    The architecture is `config`, else the one the file declares (CONFIG_KEY), else the released one."""
+    The architecture is `config`, else the one the file declares (CONFIG_KEY), else the released one.
+    `operations` is the layer namespace (models/ops.py; default plain torch), e.g. ComfyUI's casting ops."""
     sd, metadata = read_state_dict(path)
     config = config or checkpoint_config(path, metadata)
-    with torch.device("meta"):
-        net = EmoCASTNet(config)
-    check_state_dict(sd, {k: tuple(v.shape) for k, v in net.state_dict().items()}, str(path))
+    check_state_dict(sd, net_shapes(config), str(path))
+    net = EmoCASTNet(config, device="meta", operations=operations or TorchOps)
     if metadata.get(NOTE_KEY):
         logging.getLogger("emocast").warning("%s: %s", path, metadata[NOTE_KEY])
     net.load_state_dict({k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()},

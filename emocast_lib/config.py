@@ -1,10 +1,9 @@
 """Network and sampling settings. Defaults are the released EmoCAST checkpoint; the tiny test
-model is just another instance (`NetConfig.from_json` reads the fixtures' config files)."""
+model is just another instance (checkpoints of other sizes carry theirs, `NetConfig.to_json`)."""
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,11 +74,6 @@ class NetConfig:
     # Pixel size the network was trained at; the portrait is resized to it as the reference does.
     sample_size: int = 512
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "NetConfig":
-        """Read a fixture config (`tiny_config.json` / `real_model_config.json`)."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
     def to_json(self) -> str:
         """This config as JSON (`from_json_text` reads it back); checkpoints can carry it."""
         return json.dumps(asdict(self), sort_keys=True)
@@ -92,37 +86,6 @@ class NetConfig:
                                                      for k, v in d["face_locator"].items()}),
                    image_proj=ImageProjConfig(**d["image_proj"]), audio_proj=AudioProjConfig(**d["audio_proj"]),
                    sample_size=d["sample_size"])
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "NetConfig":
-        base = cfg["denoising_unet_base_config"]
-        extra = cfg["denoising_unet_additional_kwargs"]
-        motion = extra["motion_module_kwargs"]
-        emo = cfg["emotive_audio_attention"]
-        fl, ip, ap = cfg["face_locator"], cfg["image_proj"], cfg["audio_proj"]
-        return cls(
-            unet=UNetConfig(
-                block_out_channels=tuple(base["block_out_channels"]),
-                layers_per_block=base["layers_per_block"],
-                norm_num_groups=base["norm_num_groups"],
-                heads=base["attention_head_dim"],
-                cross_attention_dim=base["cross_attention_dim"],
-                in_channels=base["in_channels"],
-                out_channels=base["out_channels"],
-                audio_attention_dim=extra["audio_attention_dim"],
-                audio_token_dim=emo["audio_cross_attention_dim"],
-                emotive_head_dim=emo["audio_attention_head_dim"],
-                motion_heads=motion["num_attention_heads"],
-                motion_max_len=motion["temporal_position_encoding_max_len"],
-            ),
-            face_locator=FaceLocatorConfig(fl["conditioning_embedding_channels"], tuple(fl["block_out_channels"]),
-                                           fl["conditioning_channels"]),
-            image_proj=ImageProjConfig(ip["clip_embeddings_dim"], ip["clip_extra_context_tokens"],
-                                       ip["cross_attention_dim"]),
-            audio_proj=AudioProjConfig(ap["seq_len"], ap["blocks"], ap["channels"], ap["intermediate_dim"],
-                                       ap["context_tokens"], ap["output_dim"]),
-            sample_size=base["sample_size"] * 8,
-        )
 
 
 @dataclass(frozen=True)

@@ -85,14 +85,16 @@ def _per_frame(cond: torch.Tensor, frames: int) -> torch.Tensor:
 def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindows, emotion: Emotion,
                settings: SamplingConfig = SamplingConfig(), on_step: OnStep | None = None,
                should_stop: ShouldStop | None = None, noise: Callable[[int], torch.Tensor] | None = None,
-               ) -> Iterator[ClipResult]:
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Iterator[ClipResult]:
     """Generate the video clip by clip; memory does not grow with the audio length.
 
     `noise(clip)` may supply each clip's initial latents; by default one CPU generator seeded with
-    `settings.seed` draws them in turn, as the released script does with its global generator."""
+    `settings.seed` draws them in turn, as the released script does with its global generator.
+    The network computes on `device` in `dtype`, by default those of its weights (casting layers,
+    e.g. ComfyUI's, may keep their weights elsewhere and in another dtype)."""
     check_settings(settings)
     p = next(net.parameters())
-    device, dtype = p.device, p.dtype
+    device, dtype = torch.device(device or p.device), dtype or p.dtype
     f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
     total = audio.windows.shape[0]
     if total % f:
@@ -113,7 +115,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
     face = torch.cat([torch.zeros_like(feats), feats])  # (2, C0, f, h, w)
     masks = {r: [lvl.to(device, dtype).reshape(1, -1).expand(2 * f, -1) for lvl in portrait.masks[r]] for r in REGIONS}
 
-    reference = ReferenceBank(net, vae, src, m, scale)
+    reference = ReferenceBank(net, vae, src, m, scale, device, dtype)
     prev: torch.Tensor | None = None
     for clip in range(total // f):
         frames = slice(clip * f, (clip + 1) * f)
@@ -145,10 +147,12 @@ class ReferenceBank:
     same calls on the same inputs in every clip, so reusing them changes no bit. Each clip then encodes
     and runs only its motion frames; the first clip, whose motion frames are the source, runs neither."""
 
-    def __init__(self, net: EmoCASTNet, vae: Vae, source: torch.Tensor, motion_frames: int, scale: float):
+    def __init__(self, net: EmoCASTNet, vae: Vae, source: torch.Tensor, motion_frames: int, scale: float,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """`device`/`dtype`: where and in what the network computes (default: those of its weights)."""
         self.net, self.vae, self.scale = net, vae, scale
         p = next(net.parameters())
-        self.latent = (vae.encode(source[None]) * scale).to(p.device, p.dtype)  # (1, 4, h, w)
+        self.latent = (vae.encode(source[None]) * scale).to(device or p.device, dtype or p.dtype)  # (1, 4, h, w)
         self.rows = [(i % (1 + motion_frames), i % 2) for i in range(2 * (1 + motion_frames))]  # (frame, context)
         self.context: torch.Tensor | None = None
         self.source: dict[str, torch.Tensor] = {}  # source under context 0 and 1: (2, L, C)

@@ -1,7 +1,8 @@
 """Checkpoint reading, strict checking and conversion (emocast_lib/checkpoint.py) on real files.
 
-The weights are the parity fixtures' tiny network (fill rule, not a trained model); the released key set
-comes from the real-checkpoint manifest. Hostile and damaged files are made here with torch.save.
+The weights are the parity set's tiny network (filled by the rule, not a trained model, checked against the
+set's manifest) written to a safetensors file here; the released key set comes from the set's real-checkpoint
+manifest. Hostile and damaged files are made here with torch.save.
 """
 from __future__ import annotations
 
@@ -13,23 +14,42 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from emocast_lib.checkpoint import CONFIG_KEY, NOTE_KEY, CheckpointError, check_state_dict, convert_file, load_net, \
-    main_convert, net_shapes, read_state_dict
+from conftest import manifest_shape, read_manifest
+from emocast_lib.checkpoint import (
+    CONFIG_KEY,
+    NOTE_KEY,
+    CheckpointError,
+    check_state_dict,
+    convert_file,
+    load_net,
+    main_convert,
+    net_shapes,
+    read_state_dict,
+)
 from emocast_lib.config import NetConfig
 from emocast_lib.tiny import TINY_PACK_NET, filled_net
+from reference_config import read_net_config
 
-REAL_MANIFEST = Path(__file__).resolve().parents[2] / "shared/fixtures/parity/real_config/net_state_dict_manifest.tsv"
 
-
-def read_manifest(path: Path) -> dict[str, tuple[int, ...]]:
-    """key -> shape of a fixture manifest (tsv: key, shape like `512x46080`, dtype, ...)."""
-    rows = (line.split("\t") for line in path.read_text().splitlines()[1:])
-    return {key: tuple(int(s) for s in shape.split("x") if s) for key, shape, *_ in rows}
+def manifest_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return {row["key"]: manifest_shape(row) for row in read_manifest(path)}
 
 
 @pytest.fixture(scope="module")
-def tiny_path(parity_dir) -> Path:
-    return parity_dir / "tiny_net_weights.safetensors"
+def real_shapes(real_manifest) -> dict[str, tuple[int, ...]]:
+    return manifest_shapes(real_manifest)
+
+
+@pytest.fixture(scope="module")
+def fill_meta(parity_config) -> dict[str, str]:
+    return {"fill_seed": str(parity_config["run"]["weight_seed"])}
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory, tiny_net_state_dict, fill_meta) -> Path:
+    path = tmp_path_factory.mktemp("tiny_net") / "tiny_net_weights.safetensors"
+    save_file(tiny_net_state_dict, path, metadata=fill_meta)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +59,7 @@ def tiny_sd(tiny_path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny_shapes(parity_dir) -> dict[str, tuple[int, ...]]:
-    return read_manifest(parity_dir / "tiny_net_manifest.tsv")
+    return manifest_shapes(parity_dir / "tiny_net_manifest.tsv")
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -58,15 +78,15 @@ def save_pth(obj, path: Path, legacy: bool) -> Path:
 
 # --- reading -----------------------------------------------------------------------------------------------
 
-def test_reads_safetensors_with_metadata_and_passes_strict_check(tiny_path, tiny_sd, tiny_shapes):
+def test_reads_safetensors_with_metadata_and_passes_strict_check(tiny_path, tiny_sd, tiny_shapes, fill_meta):
     sd, meta = read_state_dict(tiny_path)
     assert_same(sd, tiny_sd)
-    assert meta == {"fill_seed": "1001"}
+    assert meta == fill_meta
     check_state_dict(sd, tiny_shapes, str(tiny_path))
 
 
-def test_released_net_shapes_equal_the_real_manifest():
-    assert net_shapes(NetConfig()) == read_manifest(REAL_MANIFEST)
+def test_released_net_shapes_equal_the_real_manifest(real_shapes):
+    assert net_shapes(NetConfig()) == real_shapes
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -116,7 +136,8 @@ def test_truncated_pth_names_the_file(tmp_path, tiny_sd, legacy):
 def test_every_truncation_of_a_small_pth_gives_checkpoint_error(tmp_path, legacy):
     """torch reports damaged files through many exception types; none may escape unwrapped."""
     buf = io.BytesIO()
-    torch.save({"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4)}, buf, _use_new_zipfile_serialization=not legacy)
+    small = {"a.weight": torch.randn(4, 4), "a.bias": torch.randn(4)}
+    torch.save(small, buf, _use_new_zipfile_serialization=not legacy)
     data, path = buf.getvalue(), tmp_path / "cut.pth"
     for n in range(0, len(data), 1 if legacy else 7):
         path.write_bytes(data[:n])
@@ -124,11 +145,12 @@ def test_every_truncation_of_a_small_pth_gives_checkpoint_error(tmp_path, legacy
             read_state_dict(path)
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.999, 4 / 20e6], ids=["half", "last-bytes", "header-length"])
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: n - n // 1000, lambda n: 4],
+                         ids=["half", "last-bytes", "header-length"])
 def test_truncated_safetensors_names_the_file(tmp_path, tiny_path, keep):
     data = tiny_path.read_bytes()
     path = tmp_path / "emocast.safetensors"
-    path.write_bytes(data[: max(1, int(len(data) * keep))])
+    path.write_bytes(data[: keep(len(data))])
     with pytest.raises(CheckpointError, match="truncated or corrupt") as err:
         read_state_dict(path)
     assert str(path) in str(err.value)
@@ -176,8 +198,8 @@ def test_check_reports_missing_unexpected_and_wrong_shape(tiny_sd, tiny_shapes):
                        f"  wrong shape: {resized}: file (3, 5), expected {tiny_shapes[resized]}"]
 
 
-def test_check_lists_only_the_first_few_keys(tiny_sd):
-    real = read_manifest(REAL_MANIFEST)
+def test_check_lists_only_the_first_few_keys(tiny_sd, real_shapes):
+    real = real_shapes
     with pytest.raises(CheckpointError) as err:
         check_state_dict(tiny_sd, real, "tiny.safetensors")
     msg = str(err.value)
@@ -190,9 +212,8 @@ def test_check_lists_only_the_first_few_keys(tiny_sd):
 
 def aux_keys(parity_dir: Path, module: str, prefix: str = "") -> dict[str, torch.Tensor]:
     """Shape-only (meta) tensors under the real key names of the tiny VAE / CLIP checkpoint files."""
-    rows = (line.split("\t") for line in (parity_dir / "tiny_aux_manifest.tsv").read_text().splitlines()[1:])
-    return {prefix + key: torch.empty([int(s) for s in shape.split("x")], device="meta")
-            for mod, key, shape, *_ in rows if mod == module}
+    return {prefix + row["key"]: torch.empty(manifest_shape(row), device="meta")
+            for row in read_manifest(parity_dir / "tiny_aux_manifest.tsv") if row["module"] == module}
 
 
 @pytest.mark.parametrize("kind, folder", [
@@ -200,14 +221,14 @@ def aux_keys(parity_dir: Path, module: str, prefix: str = "") -> dict[str, torch
     ("vae", "VAE, not EmoCAST's net.pth; put it in models/vae"),
     ("clip", "CLIP text encoder, not EmoCAST's net.pth; put it in models/text_encoders"),
 ])
-def test_check_recognises_foreign_checkpoints(parity_dir, kind, folder):
+def test_check_recognises_foreign_checkpoints(parity_dir, real_shapes, kind, folder):
     vae, clip = aux_keys(parity_dir, "vae"), aux_keys(parity_dir, "text_encoder")
     sd = {"vae": vae, "clip": clip, "sd": {
         "model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 4, 3, 3, device="meta"),
         **{f"first_stage_model.{k}": v for k, v in vae.items()},
         **{f"cond_stage_model.transformer.{k}": v for k, v in clip.items()}}}[kind]
     with pytest.raises(CheckpointError) as err:
-        check_state_dict(sd, read_manifest(REAL_MANIFEST), f"models/emocast/{kind}.safetensors")
+        check_state_dict(sd, real_shapes, f"models/emocast/{kind}.safetensors")
     first = str(err.value).splitlines()[0]
     assert first.startswith(f"models/emocast/{kind}.safetensors: does not match") and folder in first
 
@@ -226,16 +247,16 @@ def test_fp32_round_trip_is_bit_exact(tmp_path, tiny_sd, tiny_shapes):
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_half_conversions_equal_a_cast(tmp_path, tiny_path, tiny_sd, dtype, torch_dtype):
+def test_half_conversions_equal_a_cast(tmp_path, tiny_sd, fill_meta, dtype, torch_dtype):
     src = tmp_path / "net.safetensors"
-    save_file({**tiny_sd, "extra.steps": torch.arange(5)}, src, metadata={"fill_seed": "1001"})
+    save_file({**tiny_sd, "extra.steps": torch.arange(5)}, src, metadata=fill_meta)
     dst = tmp_path / f"emocast_{dtype}.safetensors"
     convert_file(src, dst, dtype)
     out, meta = read_state_dict(dst)
     assert torch.equal(out.pop("extra.steps"), torch.arange(5))  # integer tensors are not cast
     assert list(out) == list(tiny_sd)
     assert all(out[k].dtype == torch_dtype and torch.equal(out[k], tiny_sd[k].to(torch_dtype)) for k in out)
-    assert meta == {"fill_seed": "1001", "format": "pt", "dtype": dtype, "source": "net.safetensors"}
+    assert meta == {**fill_meta, "format": "pt", "dtype": dtype, "source": "net.safetensors"}
 
 
 def test_failed_conversion_leaves_existing_output_untouched(tmp_path, tiny_sd, tiny_shapes):
@@ -273,7 +294,7 @@ def test_conversion_refuses_the_source_and_bad_outputs(tmp_path, tiny_path):
 # --- loading the network ---------------------------------------------------------------------------------
 
 def test_load_net_with_config(parity_dir, tiny_path, tiny_sd):
-    net = load_net(tiny_path, dtype=torch.float16, config=NetConfig.from_json(parity_dir / "tiny_config.json"))
+    net = load_net(tiny_path, dtype=torch.float16, config=read_net_config(parity_dir / "tiny_config.json"))
     loaded = net.state_dict()
     assert loaded.keys() == tiny_sd.keys() and not net.training
     assert all(loaded[k].dtype == torch.float16 and torch.equal(loaded[k], tiny_sd[k].half()) for k in loaded)

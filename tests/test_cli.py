@@ -19,12 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_models(download_cache, tmp_path_factory) -> Path:
+def tiny_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    with pytest.MonkeyPatch.context() as env:
-        # The stand-in landmarker is assembled from the mediapipe 0.10.21 wheel: keep it between runs.
-        env.setenv("EMOCAST_MEDIAPIPE_WHEEL_DIR", str(download_cache))
-        assert main(["make-tiny-models", str(root)]) == 0
+    assert main(["make-tiny-models", str(root)]) == 0
     return root
 
 

@@ -1,28 +1,125 @@
-"""Model building blocks whose fast paths must equal the plain PyTorch operation they replace."""
+"""Model building blocks: fast paths equal the plain PyTorch operation they replace, and the network
+built from a casting operations namespace (as ComfyUI passes it) computes what the plain one does."""
 from __future__ import annotations
+
+from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from emocast_lib.models.blocks import Conv2d
+from emocast_lib.config import REGIONS, SamplingConfig
+from emocast_lib.models import EmoCASTNet
+from emocast_lib.models.blocks import conv2d
+from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, iter_clips
+from emocast_lib.tiny import TINY_NET, filled_net, filled_vae
 
 
 @pytest.mark.parametrize("side", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("stride,bias", [(1, True), (2, True), (1, False)])
 def test_small_grid_conv_equals_conv2d(side: int, stride: int, bias: bool):
     torch.manual_seed(side)
-    ours = Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias)
-    plain = torch.nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias)
-    plain.load_state_dict(ours.state_dict())
+    conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias)
     x = torch.randn(3, 16, side, side)
-    torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
 
 
 def test_small_grid_conv_under_inference_mode_and_weight_change():
     """ComfyUI builds and runs models under inference_mode; the cached centre tap follows the weight."""
     with torch.inference_mode():
-        conv = Conv2d(8, 8, 3, padding=1)
+        conv = nn.Conv2d(8, 8, 3, padding=1)
         x = torch.randn(2, 8, 1, 1)
-        first = conv(x)
-        conv.weight = torch.nn.Parameter(conv.weight * 2, requires_grad=False)
-        torch.testing.assert_close(conv(x) - conv.bias[:, None, None], 2 * (first - conv.bias[:, None, None]))
+        first = conv2d(conv, x)
+        conv.weight = nn.Parameter(conv.weight * 2, requires_grad=False)
+        torch.testing.assert_close(conv2d(conv, x) - conv.bias[:, None, None], 2 * (first - conv.bias[:, None, None]))
+
+
+class _FakeComfyCastLayer:
+    """Stand-in for ComfyUI's casting layers (`comfy.ops.manual_cast`; ComfyUI is not importable in the
+    library's tests): the same `CastWeightBiasOp` flags, and a forward that computes with the weights
+    cast to the input's dtype and device. `offloaded` holds the real weights while the parameters are
+    meta-device stand-ins, as ComfyUI keeps part of a model on its offload device."""
+
+    comfy_cast_weights = True
+    weight_function: ClassVar[list] = []
+    bias_function: ClassVar[list] = []
+    offloaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = self.offloaded or (self.weight, self.bias)
+        return weight.to(x.device, x.dtype), None if bias is None else bias.to(x.device, x.dtype)
+
+
+class FakeComfyManualCast:
+    """Operations namespace standing in for `comfy.ops.manual_cast`."""
+
+    class Linear(_FakeComfyCastLayer, nn.Linear):
+        def forward(self, x):
+            return F.linear(x, *self.cast(x))
+
+    class Conv2d(_FakeComfyCastLayer, nn.Conv2d):
+        def forward(self, x):
+            return self._conv_forward(x, *self.cast(x))
+
+    class GroupNorm(_FakeComfyCastLayer, nn.GroupNorm):
+        def forward(self, x):
+            return F.group_norm(x, self.num_groups, *self.cast(x), self.eps)
+
+    class LayerNorm(_FakeComfyCastLayer, nn.LayerNorm):
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, *self.cast(x), self.eps)
+
+
+def _tiny_inputs(size: int, frames: int, clips: int) -> tuple[Portrait, AudioWindows, Emotion]:
+    g = torch.Generator().manual_seed(0)
+    unet, audio = TINY_NET.unet, TINY_NET.audio_proj
+    sides = [size // 8 >> level for level in range(len(unet.block_out_channels))]
+    portrait = Portrait(pixels=torch.rand(3, size, size, generator=g) * 2 - 1,
+                        identity=torch.randn(TINY_NET.image_proj.embedding_dim, generator=g),
+                        face_region=torch.rand(3, size, size, generator=g),
+                        masks={r: [torch.rand(s * s, generator=g) for s in sides] for r in REGIONS})
+    windows = torch.randn(frames * clips, audio.window, audio.layers, audio.channels, generator=g)
+    d = unet.cross_attention_dim
+    emotion = Emotion(torch.randn(1, 77, d, generator=g), torch.randn(1, 77, d, generator=g))
+    return portrait, AudioWindows(windows, frames * clips), emotion
+
+
+def _run(net: EmoCASTNet, **compute) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two clips of the tiny pipeline at 64 px: the latent grids reach 1x1, so every fast path runs."""
+    settings = SamplingConfig(steps=2, frames_per_clip=4, motion_frames=2)
+    portrait, audio, emotion = _tiny_inputs(64, settings.frames_per_clip, 2)
+    clips = list(iter_clips(net, diffusers_vae(filled_vae()), portrait, audio, emotion, settings, **compute))
+    return torch.cat([c.latents for c in clips], dim=2), torch.cat([c.frames for c in clips])
+
+
+@pytest.mark.parametrize("dtype,tol", [
+    # fp64: the two runs agree below fp32's resolution, so any wrong weight or order of regions shows.
+    (torch.float64, 1e-6),
+    # fp32: the plain run takes the GEMM convolutions and the fused region queries, the casting run the
+    # layers' own convolutions and three query products: the same sums in another order, which two
+    # clips of DDIM through the tiny fill-rule network amplify to 6.8e-4 (measured; latents' std 1.5).
+    (torch.float32, 2e-3),
+])
+def test_casting_operations_compute_what_the_plain_network_computes(dtype: torch.dtype, tol: float):
+    """The network on a ComfyUI-like casting namespace, weights stored as bf16 on an offload stand-in
+    (the `meta` device: a layer read without its cast fails there), equals the plain network holding
+    the same bf16-rounded weights in the compute dtype. Only the layers' own casts touch weights."""
+    stored = {k: v.to(torch.bfloat16) for k, v in filled_net().state_dict().items()}
+    plain = EmoCASTNet(TINY_NET, device="meta")
+    plain.load_state_dict({k: v.to(dtype) for k, v in stored.items()}, assign=True)
+    cast = EmoCASTNet(TINY_NET, device="meta", operations=FakeComfyManualCast)
+    cast.load_state_dict(stored, assign=True)
+    layers = [m for m in cast.modules() if isinstance(m, _FakeComfyCastLayer)]
+    kinds = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+    assert len(layers) == sum(isinstance(m, kinds) for m in plain.modules())  # every layer came from `operations`
+    for layer in layers:
+        layer.offloaded = (layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+        for name in ("weight", "bias"):
+            if getattr(layer, name) is not None:
+                setattr(layer, name, nn.Parameter(getattr(layer, name).to("meta"), requires_grad=False))
+
+    expected_latents, expected_frames = _run(plain.eval())
+    latents, frames = _run(cast.eval(), device="cpu", dtype=dtype)
+    torch.testing.assert_close(latents, expected_latents, rtol=tol, atol=tol)
+    torch.testing.assert_close(frames, expected_frames, rtol=tol, atol=tol)

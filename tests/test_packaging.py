@@ -1,11 +1,14 @@
 """Packaging: pyproject.toml (what the Comfy registry installs) agrees with requirements.txt (what
-ComfyUI-Manager installs), and carries the registry metadata."""
+ComfyUI-Manager installs), carries the registry metadata, and the registry archive is lean."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +66,22 @@ def test_web_directory_served_once():
     assert 'WEB_DIRECTORY = "./web"' in (ROOT / "__init__.py").read_text()
     assert "web" not in _pyproject()["tool"]["comfy"]
     assert list((ROOT / "web").rglob("*.js"))
+
+
+def _git(*args: str) -> list[str]:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.split()
+
+
+def test_registry_archive_leaves_out_tests_and_dev_files():
+    """`comfy node publish` archives the git-tracked files minus the `.comfyignore` patterns (gitwildmatch, which
+    git's own ignore matching implements) plus `[tool.comfy] includes`: users do not download the fixtures."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the registry archive is made from git-tracked files")
+    assert "includes" not in _pyproject()["tool"]["comfy"]
+    tracked = set(_git("ls-files"))
+    archive = tracked - set(_git("ls-files", "--cached", "--ignored", "--exclude-from=.comfyignore"))
+    assert not [f for f in archive if f.startswith(("tests/", ".ci/", ".github/")) or f == "requirements-dev.txt"]
+    assert {"__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE"} <= archive
+    assert {f for f in tracked if f.startswith(("nodes/", "emocast_lib/", "web/", "workflows/"))} <= archive
+    size = sum((ROOT / f).stat().st_size for f in archive if (ROOT / f).is_file())
+    assert size < 5e6, f"the registry archive holds {size / 1e6:.1f} MB of files"  # the pack is ~2 MB

@@ -1,18 +1,16 @@
 """Emotion text tokens vs the parity fixture `text_encoder.safetensors` (fixtures/parity/README.md §5.3).
 
 The tiny CLIP text model is a real transformers `CLIPTextModel` built from `tiny_config.json` and filled
-with the shared fill rule (seed 1001). The real CLIP BPE vocabulary is not shipped with transformers; the
-tokenizer test builds it from the BPE merges file of the `openai-clip` source package (PyPI, fetched once
-into pytest's cache), which is the vocabulary the fixture's ids come from.
+with the fill rule (the set's weight seed). The real CLIP BPE vocabulary is not shipped with transformers; the
+tokenizer tests build vocab.json/merges.txt from OpenAI's BPE merges file (`bpe_simple_vocab_16e6.txt`), which
+the installed `instant-clip-tokenizer` (a runtime dependency) carries verbatim inside its extension module.
+The fixture's token ids come from that vocabulary; nothing is downloaded.
 """
 from __future__ import annotations
 
 import csv
-import gzip
 import json
-import subprocess
-import sys
-import tarfile
+import re
 from pathlib import Path
 
 import pytest
@@ -25,10 +23,10 @@ from emocast_lib.fill import fill_tensor, tensor_sha256
 
 
 @pytest.fixture(scope="module")
-def text_model(parity_dir: Path):
+def text_model(parity_dir: Path, parity_config: dict):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = json.loads((parity_dir / "tiny_config.json").read_text())["text_encoder_clip_text_config"]
+    config = parity_config["text_encoder_clip_text_config"]
     model = CLIPTextModel(CLIPTextConfig(**config)).eval()
     own = model.state_dict()
     with open(parity_dir / "tiny_aux_manifest.tsv") as f:
@@ -38,7 +36,7 @@ def text_model(parity_dir: Path):
         # transformers 5 drops the `text_model.` prefix from CLIPTextModel's state dict
         key = row["key"] if row["key"] in own else row["key"].removeprefix("text_model.")
         shape = tuple(int(s) for s in row["shape"].split("x"))
-        tensor = fill_tensor(1001, row["key"], shape)
+        tensor = fill_tensor(parity_config["run"]["weight_seed"], row["key"], shape)
         assert tensor_sha256(tensor) == row["sha256_float32_le"], row["key"]
         filled[key] = tensor
     left = set(own) - set(filled)
@@ -98,26 +96,34 @@ def test_padding_rule(expected):
         torch.testing.assert_close(mask, ref[f"{name}.attention_mask"], rtol=0, atol=0)
 
 
+def clip_bpe_merges() -> list[str]:
+    """The first 48,894 merges of OpenAI's `bpe_simple_vocab_16e6.txt` (those CLIP's 49,408-token vocabulary
+    uses), read from the copy embedded in the installed instant-clip-tokenizer extension."""
+    import instant_clip_tokenizer
+
+    n = 49408 - 256 * 2 - 2  # vocabulary = 256 byte symbols, the same with `</w>`, the merges, 2 special tokens
+    for lib in Path(instant_clip_tokenizer.__file__).parent.iterdir():
+        if lib.suffix not in (".so", ".pyd"):
+            continue
+        data = lib.read_bytes()
+        start = data.find(b"#version: 0.2\n")
+        if start >= 0:
+            merges = data[start:].split(b"\n", n + 1)[1:n + 1]
+            if len(merges) == n and all(re.fullmatch(rb"\S+ \S+", m) for m in merges):
+                return [m.decode("utf-8") for m in merges]
+    raise AssertionError(f"no CLIP BPE merges file found in {instant_clip_tokenizer.__file__}'s extension module")
+
+
 @pytest.fixture(scope="module")
-def clip_tokenizer(download_cache, tmp_path_factory):
-    """The real CLIP tokenizer, with vocab.json/merges.txt derived from openai-clip's BPE merges file."""
-    cache = download_cache
-    sdists = sorted(cache.glob("openai-clip-1.0.1.tar.gz"))
-    if not sdists:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "openai-clip==1.0.1",
-               "-d", str(cache), "-q"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        sdists = sorted(cache.glob("openai-clip-1.0.1.tar.gz"))
-        if not sdists:
-            pytest.skip(f"cannot fetch openai-clip for the CLIP vocabulary: {proc.stderr.strip()[-300:]}")
-    with tarfile.open(sdists[0]) as tar:
-        lines = gzip.decompress(tar.extractfile("openai-clip-1.0.1/clip/bpe_simple_vocab_16e6.txt.gz").read())
-    merges = lines.decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+def clip_tokenizer(tmp_path_factory):
+    """The real CLIP tokenizer (transformers' CLIPTokenizer) on vocab.json/merges.txt built from the merges."""
+    merges = clip_bpe_merges()
     # GPT-2 byte-to-unicode table, then word-final variants, then merges, then the two special tokens
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in printable]
     chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder = tmp_path_factory.mktemp("clip_tokenizer")
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -139,7 +145,8 @@ def test_long_prompt_error_and_truncation(clip_tokenizer, text_model):
     with pytest.raises(ValueError, match="78 tokens; CLIP takes at most 75: shorten it by 3 tokens"):
         encode_prompt(encoder, prompt)
     out = encode_prompt(encoder, prompt, truncate=True)
-    assert out.dropped == "at the end" and out.prompt == " ".join(["sad"] * 70 + ["and", "then", "very", "happy", "again"])
+    assert out.dropped == "at the end"
+    assert out.prompt == " ".join(["sad"] * 70 + ["and", "then", "very", "happy", "again"])
     assert int(out.attention_mask.sum()) == 77 and out.input_ids[0, -1] == 49407
 
 
@@ -148,11 +155,14 @@ def test_tokenizer_folder_error(tmp_path: Path):
         load_clip_tokenizer(tmp_path)
 
 
-def test_cli_tokenizer_matches_the_real_vocabulary(clip_tokenizer):
-    """The CLI tokenizes with instant-clip-tokenizer (vocabulary inside the wheel): same ids as CLIP's."""
+def test_cli_tokenizer_matches_the_real_vocabulary(clip_tokenizer, expected):
+    """The CLI tokenizes with instant-clip-tokenizer (vocabulary inside the wheel): the set's ids, and the same
+    ids as transformers' CLIPTokenizer on tricky prompts."""
     from emocast_lib.cli import ClipBpeTokenizer
 
     ours = ClipBpeTokenizer()
+    ref, prompt = expected
+    assert ours(prompt)["input_ids"] == _unpadded(ref, "cond") and ours("")["input_ids"] == _unpadded(ref, "uncond")
     for prompt in ["The portrait is watching a horror movie with jump scares.", "", "a photo of a cat",
                    "  Extremely   HAPPY!!! :-) café, naïve; 3.5 times  ", "sad\nand\ttired", "don't-stop (crying)"]:
         assert ours(prompt)["input_ids"] == clip_tokenizer(prompt)["input_ids"], prompt

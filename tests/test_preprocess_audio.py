@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from emocast_lib import audio
-from emocast_lib.fill import tensor_sha256
+from emocast_lib.fill import fill_tensor, tensor_sha256
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,19 @@ def test_features_match_reference(audio_dir: Path, encoder):
         _check_features(name, audio_dir, encoder)
 
 
+def _run_settings(path: Path) -> dict[str, int]:
+    """fps and clip length of the reference run, from the file's metadata (README §1.3: 25 and 16 when absent)."""
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    return {"fps": int(meta.get("fps", 25)), "clip_length": int(meta.get("clip_length", 16))}
+
+
 def _check_features(name: str, audio_dir: Path, encoder) -> None:
     ref = load_file(audio_dir / f"{name}.safetensors")
     wave, rate = audio.load_audio_file(audio_dir / f"{name}.wav")
     wave16k = audio.to_16k_mono(wave, rate)
     np.testing.assert_allclose(wave16k, ref["waveform"], rtol=0, atol=1e-6)
-    feats = audio.encode_audio(wave16k, encoder, fps=25, clip_length=16)
+    feats = audio.encode_audio(wave16k, encoder, **_run_settings(audio_dir / f"{name}.safetensors"))
     assert (feats.seq_len, feats.audio_length, feats.num_clips) == (
         int(ref["seq_len"][0]), int(ref["audio_length"][0]), int(ref["num_clips"][0]))
     np.testing.assert_allclose(feats.input_values, ref["input_values"], rtol=0, atol=1e-6)
@@ -55,17 +63,19 @@ def _check_features(name: str, audio_dir: Path, encoder) -> None:
 
 def test_comfy_audio_tensor_equals_file_path(audio_dir: Path):
     """ComfyUI's AUDIO waveform [B, C, N] (float tensor) goes through the same path as the file."""
-    name = _speech(audio_dir)[-1]
-    wave, rate = audio.load_audio_file(audio_dir / f"{name}.wav")
-    comfy_audio = {"waveform": torch.from_numpy(wave)[None], "sample_rate": rate}
-    from_tensor = audio.to_16k_mono(comfy_audio["waveform"][0], comfy_audio["sample_rate"])
-    np.testing.assert_array_equal(from_tensor, audio.to_16k_mono(wave, rate))
+    for name in _speech(audio_dir):
+        wave, rate = audio.load_audio_file(audio_dir / f"{name}.wav")
+        comfy_audio = {"waveform": torch.from_numpy(wave)[None], "sample_rate": rate}
+        from_tensor = audio.to_16k_mono(comfy_audio["waveform"][0], comfy_audio["sample_rate"])
+        np.testing.assert_array_equal(from_tensor, audio.to_16k_mono(wave, rate), err_msg=name)
 
 
 def test_mono_1d_and_channel_mean(audio_dir: Path):
-    wave, rate = audio.load_audio_file(audio_dir / f"{_speech(audio_dir)[0]}.wav")
-    stereo = np.stack([wave[0], 0.5 * wave[0]])
-    np.testing.assert_array_equal(audio.to_16k_mono(stereo, rate), audio.to_16k_mono(0.75 * wave[0], rate))
+    for name in _speech(audio_dir):
+        wave, rate = audio.load_audio_file(audio_dir / f"{name}.wav")
+        stereo = np.stack([wave[0], 0.5 * wave[0]])
+        np.testing.assert_array_equal(audio.to_16k_mono(stereo, rate), audio.to_16k_mono(0.75 * wave[0], rate),
+                                      err_msg=name)
 
 
 def test_length_fix_matches_ceil(audio_dir: Path):
@@ -74,21 +84,27 @@ def test_length_fix_matches_ceil(audio_dir: Path):
         assert len(out) == int(np.ceil(n * 16000 / rate))
 
 
-def test_both_checkpoint_layouts_load_the_fill(audio_dir: Path):
-    """Both layouts give the same parameters, and they are the seed-1001 fill recorded in w2v_fill_info.json."""
-    info = json.loads((audio_dir / "w2v_fill_info.json").read_text())["sha256"]
-    bare = audio.load_wav2vec2(audio_dir / "tiny_wav2vec2").state_dict()
-    hub = audio.load_wav2vec2(audio_dir / "tiny_wav2vec2_hubstyle").state_dict()
-    assert bare.keys() == hub.keys()
-    for key in bare:
-        torch.testing.assert_close(bare[key], hub[key], rtol=0, atol=0)
-    assert {k: tensor_sha256(bare[k]) for k in info} == info
+def test_checkpoint_layouts_load_the_fill(audio_dir: Path):
+    """Every tiny wav2vec2 folder the set holds weights for (bare and hub layout) loads exactly the fill of
+    w2v_fill_info.json: the rule at its seed on the canonical keys, each tensor checked by its sha256."""
+    info = json.loads((audio_dir / "w2v_fill_info.json").read_text())
+    model = audio.load_wav2vec2(audio_dir / "tiny_wav2vec2_hubstyle")  # hub layout: the set always has it
+    fill = {k: fill_tensor(info["seed"], k, v.shape) for k, v in model.state_dict().items() if k in info["sha256"]}
+    assert {k: tensor_sha256(v) for k, v in fill.items()} == info["sha256"]
+    for folder in ("tiny_wav2vec2", "tiny_wav2vec2_hubstyle"):
+        if not (audio_dir / folder / "model.safetensors").is_file():
+            continue  # a trimmed set keeps the weights in one layout only
+        loaded = audio.load_wav2vec2(audio_dir / folder).state_dict()
+        assert loaded.keys() == model.state_dict().keys(), folder
+        for key, value in fill.items():
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=f"{folder}: {key}")
 
 
 def test_window_clamps_at_the_ends():
     emb = torch.arange(6.0)[:, None]
     win = audio.window_frames(emb)[..., 0]
-    assert win[0].tolist() == [0, 0, 0, 1, 2] and win[3].tolist() == [1, 2, 3, 4, 5] and win[5].tolist() == [3, 4, 5, 5, 5]
+    assert win[0].tolist() == [0, 0, 0, 1, 2] and win[3].tolist() == [1, 2, 3, 4, 5]
+    assert win[5].tolist() == [3, 4, 5, 5, 5]
 
 
 def test_padding_only_when_needed(encoder):
@@ -168,7 +184,8 @@ def test_separator_missing_files_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError) as err:
         audio.separate_vocals(tmp_path / "a.wav", tmp_path, tmp_path / "out")
     msg = str(err.value)
-    assert "download_checks.json, mdx_model_data.json, vr_model_data.json" in msg and "Kim_Vocal_2.onnx --model_file_dir" in msg
+    assert "download_checks.json, mdx_model_data.json, vr_model_data.json" in msg
+    assert "Kim_Vocal_2.onnx --model_file_dir" in msg
 
 
 def test_separator_missing_package_named(tmp_path: Path, monkeypatch):

@@ -5,16 +5,15 @@ Real antelopev2 / face_landmarker_v2 files cannot exist here, so:
   with a bright red channel is a "face", its green level sets the box size) and an ArcFace-shaped
   recognizer (112x112 -> 512). They go through FaceAnalysis' own model routing, detection, alignment
   and recognition.
-* A FAKE FaceLandmarker bundle is assembled from mediapipe 0.10.21's face detector and 468-point
-  landmark tflite files (PyPI wheel, downloaded once into pytest's cache). It loads and runs through the
-  Tasks API, but its landmarks are not those of the real bundle, so only shapes, placement and the
-  error paths are checked; mask parity uses the fixture landmarks (test_preprocess_face_masks.py).
+* A STAND-IN FaceLandmarker bundle is assembled from mediapipe 0.10.21's face detector and face mesh
+  tflite files shipped in emocast_lib/mediapipe_legacy (`tiny.write_stand_in_landmarker`, no download).
+  It loads and runs through the Tasks API, but its landmarks are not those of the real bundle, so only
+  shapes, placement and the error paths are checked; mask parity uses the fixture landmarks
+  (test_preprocess_face_masks.py).
 """
 from __future__ import annotations
 
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ import pytest
 from safetensors.numpy import load_file
 
 from emocast_lib import face
-
 
 # --- fake InsightFace models -------------------------------------------------------------------------
 
@@ -65,7 +63,8 @@ def make_fake_scrfd(path: Path) -> None:
                   node("Add", [p + "gf", "one"], [p + "g1"]), node("Mul", [p + "g1", "two"], [p + "d"]),
                   node("Mul", [p + "d", "ones4"], [p + "d4"]), node("Concat", [p + "d4", p + "d4"], [p + "d8"], axis=1),
                   node("Reshape", [p + "d8", "flat4"], [p + "bbox"]),
-                  node("Mul", [p + "d", "kps"], [p + "k10"]), node("Concat", [p + "k10", p + "k10"], [p + "k20"], axis=1),
+                  node("Mul", [p + "d", "kps"], [p + "k10"]),
+                  node("Concat", [p + "k10", p + "k10"], [p + "k20"], axis=1),
                   node("Reshape", [p + "k20", "flat10"], [p + "kps"])]
         for kind in outputs:
             outputs[kind].append(p + kind)
@@ -128,7 +127,8 @@ def test_largest_face_raw_embedding(fake_app, fake_insightface_dir: Path):
     chosen = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
     crop = face_align.norm_crop(np.ascontiguousarray(img[..., ::-1]), chosen.kps, image_size=112)
     blob = ((crop[..., ::-1].astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
-    session = onnxruntime.InferenceSession(str(fake_insightface_dir / "fake_arcface.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(fake_insightface_dir / "fake_arcface.onnx"),
+                                           providers=["CPUExecutionProvider"])
     expected = session.run(None, {"input.1": blob})[0][0]
     np.testing.assert_allclose(ident.embedding, expected, rtol=1e-5, atol=1e-4)
     assert ident.embedding.dtype == np.float32 and abs(np.linalg.norm(ident.embedding) - 1) > 0.5  # raw, not L2-normed
@@ -176,48 +176,35 @@ def test_missing_insightface_says_how_to_install(tmp_path: Path, monkeypatch):
         face.load_face_analysis(tmp_path)
 
 
-# --- fake FaceLandmarker bundle -------------------------------------------------------------------
-
-TFLITE = {"face_detector.tflite": "mediapipe/modules/face_detection/face_detection_short_range.tflite",
-          "face_landmarks_detector.tflite": "mediapipe/modules/face_landmark/face_landmark.tflite"}
-
+# --- stand-in FaceLandmarker bundle -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fake_task(download_cache, tmp_path_factory) -> Path:
+def stand_in_task(tmp_path_factory) -> Path:
     pytest.importorskip("mediapipe.tasks.python", reason="mediapipe is not installed")
-    cache = download_cache
-    wheels = sorted(cache.glob("mediapipe-0.10.21-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "311",
-               "--platform", "manylinux_2_28_x86_64", "mediapipe==0.10.21", "-d", str(cache), "-q"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        wheels = sorted(cache.glob("mediapipe-0.10.21-*.whl"))
-        if not wheels:
-            pytest.skip(f"cannot fetch mediapipe 0.10.21 for the fake bundle: {proc.stderr.strip()[-300:]}")
-    task = tmp_path_factory.mktemp("fake_landmarker") / "FAKE_face_landmarker.task"
-    with zipfile.ZipFile(wheels[0]) as wheel, zipfile.ZipFile(task, "w", zipfile.ZIP_STORED) as bundle:
-        for name, member in TFLITE.items():
-            bundle.writestr(name, wheel.read(member))
+    from emocast_lib.tiny import write_stand_in_landmarker
+
+    task = tmp_path_factory.mktemp("stand_in_landmarker") / "STAND_IN_face_landmarker.task"
+    write_stand_in_landmarker(task)
     return task
 
 
-def test_fake_landmarker_runs_through_tasks_api(fake_task: Path, preprocess_dir: Path):
+def test_stand_in_landmarker_runs_through_tasks_api(stand_in_task: Path, preprocess_dir: Path):
     from PIL import Image
 
-    case = preprocess_dir / "faces" / "astronaut"
-    if not case.is_dir():
-        case = sorted(p.parent for p in (preprocess_dir / "faces").glob("*/image.png"))[0]
-    rgb = np.asarray(Image.open(case / "image.png").convert("RGB"))
-    reference = load_file(case / "landmarks.safetensors")["landmarks_px"]
-    with face.LandmarkDetector(fake_task) as detector:
-        points = detector(rgb)
-        assert points.shape == (478, 2) and points.dtype == np.float64
-        # not the real model: only check that the points sit on the face the fixture landmarks describe
-        lo, hi = reference.min(axis=0), reference.max(axis=0)
-        centre = points.mean(axis=0)
-        assert ((centre > lo) & (centre < hi)).all(), (centre, lo, hi)
-        masks = face.compute_masks(points, rgb.shape[0], rgb.shape[1])
-        assert masks.face_mask.any() and masks.lip_mask.any()
+    cases = sorted(p.parent for p in (preprocess_dir / "faces").glob("*/landmarks.safetensors"))
+    assert cases, f"no face cases in {preprocess_dir / 'faces'}"
+    with face.LandmarkDetector(stand_in_task) as detector:
+        for case in cases:  # the fixture landmarks came from the same detector model: it finds every face
+            rgb = np.asarray(Image.open(case / "image.png").convert("RGB"))
+            points = detector(rgb)
+            assert points.shape == (478, 2) and points.dtype == np.float64, case.name
+            # not usable landmarks (see write_stand_in_landmarker): only check that they are centred on the face
+            reference = load_file(case / "landmarks.safetensors")["landmarks_px"]
+            lo, hi = reference.min(axis=0), reference.max(axis=0)
+            centre = points.mean(axis=0)
+            assert ((centre > lo) & (centre < hi)).all(), (case.name, centre, lo, hi)
+            masks = face.compute_masks(points, rgb.shape[0], rgb.shape[1])
+            assert masks.face_mask.any() and masks.lip_mask.any(), case.name
         with pytest.raises(ValueError, match="no face found for landmarks"):
             detector(np.zeros((256, 256, 3), np.uint8))
         with pytest.raises(ValueError, match=r"RGB uint8 \(H, W, 3\)"):

@@ -1,4 +1,6 @@
-"""Audio modules of the denoising UNet: emotive audio attention and mask-gated audio cross-attention."""
+"""Audio modules of the denoising UNet: emotive audio attention and mask-gated audio cross-attention
+(emocast/models/transformer_3d_text.py, `Transformer3DModel` with `use_audio_module`, whose block is
+`AudioTemporalBasicTransformerBlock` of emocast/models/attention_text.py)."""
 from __future__ import annotations
 
 import torch
@@ -8,22 +10,29 @@ from torch import nn
 from ..config import REGIONS
 from .attention import Attention, FeedForward, attend
 from .blocks import pointwise, to_grid, to_tokens
+from .ops import TorchOps, own_weights
 
 
 class AudioBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, audio_dim: int, emo_dim: int, token_dim: int, emo_head_dim: int):
+    """`AudioTemporalBasicTransformerBlock`: self-attention; the emotive audio context (emotion tokens attend
+    to the audio tokens); three region cross-attentions on it, each masked and through a 1x1 conv; feed-forward."""
+
+    def __init__(self, dim: int, heads: int, audio_dim: int, emo_dim: int, token_dim: int, emo_head_dim: int,
+                 dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, dim, heads, dim // heads)
+        dd = {"dtype": dtype, "device": device}
+        self.norm1 = operations.LayerNorm(dim, **dd)
+        self.attn1 = Attention(dim, dim, heads, dim // heads, operations=operations, **dd)
         # Emotion tokens query the audio tokens: emotion-aware audio context (77 tokens).
-        self.attn_audioemo = Attention(emo_dim, token_dim, heads, emo_head_dim, out_dim=emo_dim)
-        self.postnorm_audioemo = nn.LayerNorm(emo_dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.attn_audioemo = Attention(emo_dim, token_dim, heads, emo_head_dim, out_dim=emo_dim, operations=operations,
+                                       **dd)
+        self.postnorm_audioemo = operations.LayerNorm(emo_dim, **dd)
+        self.norm2 = operations.LayerNorm(dim, **dd)
         for i, region in enumerate(REGIONS):
-            setattr(self, f"attn2_{i}", Attention(dim, audio_dim, heads, dim // heads))
-            setattr(self, f"zero_conv_{region}", nn.Conv2d(dim, dim, 1))
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+            setattr(self, f"attn2_{i}", Attention(dim, audio_dim, heads, dim // heads, operations=operations, **dd))
+            setattr(self, f"zero_conv_{region}", operations.Conv2d(dim, dim, 1, **dd))
+        self.norm3 = operations.LayerNorm(dim, **dd)
+        self.ff = FeedForward(dim, operations=operations, **dd)
 
     def _regions(self) -> list[Attention]:
         return [getattr(self, f"attn2_{i}") for i in range(len(REGIONS))]
@@ -33,8 +42,8 @@ class AudioBlock(nn.Module):
         and audio tokens (rows, T, Da), and the keys/values of the three region attentions on it,
         stacked as extra heads so the three run as one attention call."""
         # Consecutive rows with the same emotion and audio (every unconditional row) are computed once.
-        same = torch.cat([torch.zeros(1, dtype=torch.bool, device=audio.device),
-                          (audio[1:] == audio[:-1]).flatten(1).all(1) & (emotion[1:] == emotion[:-1]).flatten(1).all(1)])
+        repeat = (audio[1:] == audio[:-1]).flatten(1).all(1) & (emotion[1:] == emotion[:-1]).flatten(1).all(1)
+        same = torch.cat([torch.zeros(1, dtype=torch.bool, device=audio.device), repeat])
         first, group = (~same).nonzero()[:, 0], (~same).cumsum(0) - 1
         z = self.postnorm_audioemo(self.attn_audioemo(emotion[first], audio[first]))
         regions = self._regions()
@@ -45,15 +54,19 @@ class AudioBlock(nn.Module):
         # to the output bias everywhere) attend uniformly, so their result is that token's value.
         same = (z == z[:, :1]).all(dim=2).all(dim=1)
         fixed = int(same.long().cumprod(0).sum())
-        return {"q": torch.cat([a.to_q.weight for a in regions]), "k": k[fixed:], "v": v[fixed:],
-                "fixed": v[:fixed, 0]}
+        # The three query projections as one product, when the layers compute with their own weights.
+        own = [own_weights(a.to_q) for a in regions]
+        q = torch.cat([w for w, _ in own]) if all(own) else None
+        return {"q": q, "k": k[fixed:], "v": v[fixed:], "fixed": v[:fixed, 0]}
 
     def forward(self, x: torch.Tensor, ctx: dict, masks: list[torch.Tensor], scales) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         n2 = self.norm2(x)
         regions = self._regions()
         fixed = ctx["fixed"]
-        att = attend(F.linear(n2[len(fixed):], ctx["q"]), ctx["k"], ctx["v"], regions[0].heads * len(regions))
+        rows = n2[len(fixed):]
+        q = F.linear(rows, ctx["q"]) if ctx["q"] is not None else torch.cat([a.to_q(rows) for a in regions], dim=-1)
+        att = attend(q, ctx["k"], ctx["v"], regions[0].heads * len(regions))
         att = torch.cat([fixed[:, None].expand(-1, x.shape[1], -1), att])
         out = x
         for i, (attn, region) in enumerate(zip(regions, REGIONS)):
@@ -64,13 +77,18 @@ class AudioBlock(nn.Module):
 
 
 class AudioModule(nn.Module):
+    """`Transformer3DModel` with `use_audio_module`: GroupNorm, 1x1 conv to the inner width, one `AudioBlock`,
+    1x1 conv back, residual."""
+
     def __init__(self, c: int, inner: int, heads: int, groups: int, audio_dim: int, emo_dim: int,
-                 token_dim: int, emo_head_dim: int):
+                 token_dim: int, emo_head_dim: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
-        self.proj_in = nn.Conv2d(c, inner, 1)
-        self.transformer_blocks = nn.ModuleList([AudioBlock(inner, heads, audio_dim, emo_dim, token_dim, emo_head_dim)])
-        self.proj_out = nn.Conv2d(inner, c, 1)
+        dd = {"dtype": dtype, "device": device}
+        self.norm = operations.GroupNorm(groups, c, eps=1e-6, **dd)
+        self.proj_in = operations.Conv2d(c, inner, 1, **dd)
+        self.transformer_blocks = nn.ModuleList([AudioBlock(inner, heads, audio_dim, emo_dim, token_dim, emo_head_dim,
+                                                            operations=operations, **dd)])
+        self.proj_out = operations.Conv2d(inner, c, 1, **dd)
 
     def prepare(self, audio: torch.Tensor, emotion: torch.Tensor) -> dict:
         return self.transformer_blocks[0].prepare(audio, emotion)

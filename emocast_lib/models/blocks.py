@@ -1,14 +1,17 @@
 """SD1.5 building blocks shared by both UNets. Frames are folded into the batch (row b*f + k),
-so every block here is per frame, as in the released "inflated" 3-D UNet."""
+so every block here is per frame, as in the released "inflated" 3-D UNet (Hallo's hallo/models/resnet.py
+runs diffusers' 2-D layers on every frame)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, DecoupledCrossAttention, FeedForward, attend
+from .attention import KV, Attention, DecoupledCrossAttention, FeedForward, attend
+from .ops import TorchOps, own_weights
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -20,88 +23,101 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, dim: int, out: int):
+    """diffusers' `TimestepEmbedding` (embeddings.py): linear, SiLU, linear."""
+
+    def __init__(self, dim: int, out: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.linear_1 = nn.Linear(dim, out)
-        self.linear_2 = nn.Linear(out, out)
+        self.linear_1 = operations.Linear(dim, out, dtype=dtype, device=device)
+        self.linear_2 = operations.Linear(out, out, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that runs as a single GEMM on small CPU inputs. At the released widths the deep
-    levels have 1x1-4x4 grids, where oneDNN re-lays out the (large) weights on every call and is 3-4x
+SMALL_GRID = 16  # grid cells up to which the GEMM convolution wins (measured on CPU at the released widths)
+
+
+def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`, run as a single GEMM on small CPU inputs. At the released widths the deep levels
+    have 1x1-4x4 grids, where oneDNN re-lays out the (large) weights on every call and is 3-4x
     slower than im2col + one matrix product; on a 1x1 grid a padded 3x3 kernel reduces to its centre."""
+    n, _, h, w = x.shape
+    own = own_weights(conv) if x.device.type == "cpu" and h * w <= SMALL_GRID and conv.groups == 1 else None
+    if own is None:
+        return conv(x)
+    weight, bias = own
+    k, s, p = conv.kernel_size, conv.stride, conv.padding
+    if h == w == 1 and s == (1, 1) and p == (k[0] // 2, k[1] // 2):
+        return F.linear(x.flatten(1), _centre(conv, weight), bias)[:, :, None, None]
+    cols = F.unfold(x, k, conv.dilation, p, s)  # (n, cin*kh*kw, L)
+    oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
+    y = weight.flatten(1) @ cols.transpose(0, 1).reshape(cols.shape[1], -1)
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view(-1, n, oh, ow).transpose(0, 1).contiguous()
 
-    SMALL = 16  # grid cells up to which the GEMM path wins (measured on CPU at the released widths)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        if x.device.type != "cpu" or h * w > self.SMALL or self.groups != 1:
-            return super().forward(x)
-        k, s, p = self.kernel_size, self.stride, self.padding
-        if h == w == 1 and s == (1, 1) and p == (k[0] // 2, k[1] // 2):
-            return F.linear(x.flatten(1), self._centre(), self.bias)[:, :, None, None]
-        cols = F.unfold(x, k, self.dilation, p, s)  # (n, cin*kh*kw, L)
-        oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
-        y = self.weight.flatten(1) @ cols.transpose(0, 1).reshape(cols.shape[1], -1)
-        if self.bias is not None:
-            y = y + self.bias[:, None]
-        return y.view(-1, n, oh, ow).transpose(0, 1).contiguous()
-
-    def _centre(self) -> torch.Tensor:
-        """Contiguous copy of the centre tap, remade only when the weight tensor changes (slicing it
-        on every call costs more than the product itself)."""
-        # Inference tensors (ComfyUI loads models under inference_mode) have no version counter; they
-        # cannot be modified in place either, so their address identifies them.
-        w = self.weight
-        key = (w.data_ptr(), w.dtype, 0 if w.is_inference() else w._version)
-        if getattr(self, "_centre_key", None) != key:
-            p = self.padding
-            self._centre_weight = self.weight.detach()[:, :, p[0], p[1]].contiguous()
-            self._centre_key = key
-        return self._centre_weight
+def _centre(conv: nn.Conv2d, weight: torch.Tensor) -> torch.Tensor:
+    """Contiguous copy of the centre tap, kept on the layer and remade only when its weight tensor
+    changes (slicing it on every call costs more than the product itself)."""
+    # Inference tensors (ComfyUI loads models under inference_mode) have no version counter; they
+    # cannot be modified in place either, so their address identifies them.
+    key = (weight.data_ptr(), weight.dtype, 0 if weight.is_inference() else weight._version)
+    if getattr(conv, "_centre_key", None) != key:
+        p = conv.padding
+        conv._centre_weight = weight.detach()[:, :, p[0], p[1]].contiguous()
+        conv._centre_key = key
+    return conv._centre_weight
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb: int, groups: int):
+    """hallo/models/resnet.py `ResnetBlock3D` (diffusers' `ResnetBlock2D` per frame)."""
+
+    def __init__(self, cin: int, cout: int, temb: int, groups: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-5)
-        self.conv1 = Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-5)
-        self.conv2 = Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
+        dd = {"dtype": dtype, "device": device}
+        self.norm1 = operations.GroupNorm(groups, cin, eps=1e-5, **dd)
+        self.conv1 = operations.Conv2d(cin, cout, 3, padding=1, **dd)
+        self.time_emb_proj = operations.Linear(temb, cout, **dd)
+        self.norm2 = operations.GroupNorm(groups, cout, eps=1e-5, **dd)
+        self.conv2 = operations.Conv2d(cout, cout, 3, padding=1, **dd)
+        self.conv_shortcut = operations.Conv2d(cin, cout, 1, **dd) if cin != cout else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = conv2d(self.conv1, F.silu(self.norm1(x)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        h = conv2d(self.conv2, F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else conv2d(self.conv_shortcut, x)) + h
 
 
 class Downsample(nn.Module):
-    def __init__(self, c: int):
+    """hallo/models/resnet.py `Downsample3D`: a strided 3x3 convolution."""
+
+    def __init__(self, c: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.conv = Conv2d(c, c, 3, stride=2, padding=1)
+        self.conv = operations.Conv2d(c, c, 3, stride=2, padding=1, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return conv2d(self.conv, x)
 
 
 class Upsample(nn.Module):
-    def __init__(self, c: int):
+    """hallo/models/resnet.py `Upsample3D`: nearest x2, then a 3x3 convolution."""
+
+    def __init__(self, c: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.conv = Conv2d(c, c, 3, padding=1)
+        self.conv = operations.Conv2d(c, c, 3, padding=1, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return conv2d(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def pointwise(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
     """A 1x1 conv applied to tokens (B, L, C) directly: it is a per-token linear map."""
-    return F.linear(t, conv.weight.flatten(1), conv.bias)
+    own = own_weights(conv)
+    if own is None:  # a casting layer computes itself, on a (B, C, L, 1) grid
+        return conv(t.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)
+    return F.linear(t, own[0].flatten(1), own[1])
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -113,16 +129,19 @@ def to_grid(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class TransformerBlock(nn.Module):
-    """Self-attention, decoupled text/identity cross-attention, GEGLU feed-forward."""
+    """emocast/models/attention_text.py `BasicTransformerBlock`: self-attention, decoupled text/identity
+    cross-attention, GEGLU feed-forward; `write`/`read` are the two modes emocast/models/
+    mutual_self_attention_text.py's `ReferenceAttentionControl` gives it."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, dim, heads, dim // heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = DecoupledCrossAttention(dim, context_dim, heads, dim // heads)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
+        dd = {"dtype": dtype, "device": device}
+        self.norm1 = operations.LayerNorm(dim, **dd)
+        self.attn1 = Attention(dim, dim, heads, dim // heads, operations=operations, **dd)
+        self.norm2 = operations.LayerNorm(dim, **dd)
+        self.attn2 = DecoupledCrossAttention(dim, context_dim, heads, dim // heads, operations=operations, **dd)
+        self.norm3 = operations.LayerNorm(dim, **dd)
+        self.ff = FeedForward(dim, operations=operations, **dd)
 
     def write(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference pass: a plain block that also returns its normed input (the reference feature)."""
@@ -131,7 +150,7 @@ class TransformerBlock(nn.Module):
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x)), n
 
-    def read(self, x: torch.Tensor, ref_kv: tuple[torch.Tensor, torch.Tensor], cross_kv) -> torch.Tensor:
+    def read(self, x: torch.Tensor, ref_kv: KV, cross_kv) -> torch.Tensor:
         """Denoising pass. Rows are [uncond frames, cond frames]. The unconditional half attends to
         itself only; conditional row j also attends to the reference-frame features of CFG half
         `j mod 2` (`ref_kv`, 2 rows) — the released row-parity pairing, kept for parity."""
@@ -149,14 +168,18 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm -> 1x1 conv -> one transformer block -> 1x1 conv, residual."""
+    """GroupNorm -> 1x1 conv -> one transformer block -> 1x1 conv, residual: emocast/models/
+    transformer_2d_text.py `Transformer2DModel` (reference UNet) and transformer_3d_text.py
+    `Transformer3DModel` (denoising UNet, frames folded into the batch)."""
 
-    def __init__(self, c: int, heads: int, context_dim: int, groups: int):
+    def __init__(self, c: int, heads: int, context_dim: int, groups: int, dtype=None, device=None,
+                 operations=TorchOps):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
-        self.proj_in = nn.Conv2d(c, c, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(c, heads, context_dim)])
-        self.proj_out = nn.Conv2d(c, c, 1)
+        dd = {"dtype": dtype, "device": device}
+        self.norm = operations.GroupNorm(groups, c, eps=1e-6, **dd)
+        self.proj_in = operations.Conv2d(c, c, 1, **dd)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(c, heads, context_dim, operations=operations, **dd)])
+        self.proj_out = operations.Conv2d(c, c, 1, **dd)
 
     def _wrap(self, x: torch.Tensor, body) -> tuple[torch.Tensor, object]:
         h, w = x.shape[-2:]
@@ -164,27 +187,50 @@ class SpatialTransformer(nn.Module):
         return x + to_grid(pointwise(self.proj_out, t), h, w), extra
 
     def write(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference pass: the output and the block's normed input (the reference feature)."""
         return self._wrap(x, lambda t: self.transformer_blocks[0].write(t, context))
 
-    def read(self, x: torch.Tensor, ref_kv, cross_kv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref_kv: KV, cross_kv) -> torch.Tensor:
+        """Denoising pass (`TransformerBlock.read`)."""
         return self._wrap(x, lambda t: (self.transformer_blocks[0].read(t, ref_kv, cross_kv), None))[0]
 
 
 class Stage(nn.Module):
-    """Container for one down/mid/up stage; the UNets hold the data flow."""
+    """One down, mid or up stage: resnets, each followed by the stage's attention where it has one,
+    then a down or up sampler. emocast/models/unet_3d_blocks_text.py (`CrossAttnDownBlock3D`,
+    `DownBlock3D`, `UNetMidBlock3DCrossAttn`, `CrossAttnUpBlock3D`, `UpBlock3D`) and the 2-D blocks
+    of unet_2d_blocks_text.py; the module names are theirs, so the state dict is the checkpoint's."""
 
-    def __init__(self, resnets, attentions=(), audio_modules=(), motion_modules=(), sampler=None, sampler_name=""):
+    def __init__(self, kind: str, resnets, attentions=(), audio_modules=(), motion_modules=(), sampler=None):
         super().__init__()
+        self.kind = kind  # "down", "mid" or "up"
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions)
         if audio_modules:
             self.audio_modules = nn.ModuleList(audio_modules)
         if motion_modules:
             self.motion_modules = nn.ModuleList(motion_modules)
-        self.sampler_name = sampler_name
-        if sampler is not None:
-            setattr(self, sampler_name, nn.ModuleList([sampler]))
+        if sampler is not None:  # checkpoint keys `downsamplers.0` / `upsamplers.0`
+            setattr(self, f"{kind}samplers", nn.ModuleList([sampler]))
 
     @property
     def sampler(self) -> nn.Module | None:
-        return getattr(self, self.sampler_name)[0] if self.sampler_name and hasattr(self, self.sampler_name) else None
+        samplers = getattr(self, f"{self.kind}samplers", None)
+        return None if samplers is None else samplers[0]
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor],
+                after: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """SD's skip connections: a down stage appends the output of each resnet (with what follows it)
+        and of its sampler to `skips`; an up stage joins the last of them to each resnet's input.
+        `after(j, x)` runs what follows resnet j (it differs between the two UNets)."""
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1) if self.kind == "up" else x, temb)
+            if j < len(self.attentions):  # the mid stage: resnet, attention, resnet
+                x = after(j, x)
+            if self.kind == "down":
+                skips.append(x)
+        if self.sampler is not None:
+            x = self.sampler(x)
+            if self.kind == "down":
+                skips.append(x)
+        return x

@@ -1,4 +1,8 @@
-"""AnimateDiff-style motion module: temporal self-attention over [motion frames, clip frames]."""
+"""AnimateDiff motion module: temporal self-attention over [motion frames, clip frames].
+
+Hallo's hallo/models/motion_module.py (from AnimateDiff's animatediff/models/motion_module.py):
+`VanillaTemporalModule` -> `TemporalTransformer3DModel` -> `TemporalTransformerBlock` (two
+`VersatileAttention` self-attentions with a `PositionalEncoding`, then a feed-forward)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +11,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, FeedForward
+from .ops import TorchOps
 
 
 def sinusoidal_pe(max_len: int, width: int) -> torch.Tensor:
@@ -20,29 +25,32 @@ def sinusoidal_pe(max_len: int, width: int) -> torch.Tensor:
 
 
 class _PositionalEncoding(nn.Module):
-    def __init__(self, dim: int, max_len: int):
+    def __init__(self, dim: int, max_len: int, dtype=None, device=None):
         super().__init__()
-        self.register_buffer("pe", sinusoidal_pe(max_len, dim))
+        self.register_buffer("pe", sinusoidal_pe(max_len, dim).to(device=device, dtype=dtype))
 
 
 class TemporalAttention(Attention):
-    def __init__(self, dim: int, heads: int, max_len: int):
-        super().__init__(dim, dim, heads, dim // heads)
-        self.pos_encoder = _PositionalEncoding(dim, max_len)
+    def __init__(self, dim: int, heads: int, max_len: int, dtype=None, device=None, operations=TorchOps):
+        super().__init__(dim, dim, heads, dim // heads, dtype=dtype, device=device, operations=operations)
+        self.pos_encoder = _PositionalEncoding(dim, max_len, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The position table is added to the attention input only, not to the residual stream.
-        x = x + self.pos_encoder.pe[:, : x.shape[1]]
+        # The position table is added to the attention input only, not to the residual stream; it
+        # follows the input like the layers' weights (a no-op unless the model is cast or offloaded).
+        x = x + self.pos_encoder.pe[:, : x.shape[1]].to(x)
         return super().forward(x)
 
 
 class _TemporalBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, max_len: int):
+    def __init__(self, dim: int, heads: int, max_len: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len) for _ in range(2)])
-        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(2)])
-        self.ff = FeedForward(dim)
-        self.ff_norm = nn.LayerNorm(dim)
+        dd = {"dtype": dtype, "device": device}
+        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len, operations=operations, **dd)
+                                               for _ in range(2)])
+        self.norms = nn.ModuleList([operations.LayerNorm(dim, **dd) for _ in range(2)])
+        self.ff = FeedForward(dim, operations=operations, **dd)
+        self.ff_norm = operations.LayerNorm(dim, **dd)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms):
@@ -51,18 +59,20 @@ class _TemporalBlock(nn.Module):
 
 
 class _TemporalTransformer(nn.Module):
-    def __init__(self, dim: int, heads: int, max_len: int, groups: int):
+    def __init__(self, dim: int, heads: int, max_len: int, groups: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        self.proj_in = nn.Linear(dim, dim)
-        self.transformer_blocks = nn.ModuleList([_TemporalBlock(dim, heads, max_len)])
-        self.proj_out = nn.Linear(dim, dim)
+        dd = {"dtype": dtype, "device": device}
+        self.norm = operations.GroupNorm(groups, dim, eps=1e-6, **dd)
+        self.proj_in = operations.Linear(dim, dim, **dd)
+        self.transformer_blocks = nn.ModuleList([_TemporalBlock(dim, heads, max_len, operations=operations, **dd)])
+        self.proj_out = operations.Linear(dim, dim, **dd)
 
 
 class MotionModule(nn.Module):
-    def __init__(self, dim: int, heads: int, max_len: int, groups: int):
+    def __init__(self, dim: int, heads: int, max_len: int, groups: int, dtype=None, device=None, operations=TorchOps):
         super().__init__()
-        self.temporal_transformer = _TemporalTransformer(dim, heads, max_len, groups)
+        self.temporal_transformer = _TemporalTransformer(dim, heads, max_len, groups, dtype=dtype, device=device,
+                                                         operations=operations)
 
     def forward(self, x: torch.Tensor, motion: torch.Tensor) -> torch.Tensor:
         """x (B*f, C, h, w) clip frames; motion (B, m, C, h, w) motion-frame features.

@@ -6,20 +6,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AudioProjConfig, FaceLocatorConfig, ImageProjConfig
+from .ops import TorchOps
 
 
 class FaceLocator(nn.Module):
-    """Face-region image -> features added to the denoising UNet's `conv_in` output (per frame)."""
+    """hallo/models/face_locator.py `FaceLocator`: face-region image -> features added to the denoising
+    UNet's `conv_in` output (per frame)."""
 
-    def __init__(self, cfg: FaceLocatorConfig):
+    def __init__(self, cfg: FaceLocatorConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__()
+        dd = {"dtype": dtype, "device": device}
         ch = cfg.channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = operations.Conv2d(cfg.in_channels, ch[0], 3, padding=1, **dd)
         blocks = []
         for cin, cout in zip(ch[:-1], ch[1:]):
-            blocks += [nn.Conv2d(cin, cin, 3, padding=1), nn.Conv2d(cin, cout, 3, padding=1, stride=2)]
+            blocks += [operations.Conv2d(cin, cin, 3, padding=1, **dd),
+                       operations.Conv2d(cin, cout, 3, padding=1, stride=2, **dd)]
         self.blocks = nn.ModuleList(blocks)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = operations.Conv2d(ch[-1], cfg.out_channels, 3, padding=1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.silu(self.conv_in(x))
@@ -29,30 +33,33 @@ class FaceLocator(nn.Module):
 
 
 class ImageProj(nn.Module):
-    """512-d identity embedding -> 4 tokens of the text width."""
+    """hallo/models/image_proj.py `ImageProjModel`: 512-d identity embedding -> 4 tokens of the text width."""
 
-    def __init__(self, cfg: ImageProjConfig):
+    def __init__(self, cfg: ImageProjConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         self.tokens = cfg.tokens
-        self.proj = nn.Linear(cfg.embedding_dim, cfg.tokens * cfg.width)
-        self.norm = nn.LayerNorm(cfg.width)
+        self.proj = operations.Linear(cfg.embedding_dim, cfg.tokens * cfg.width, dtype=dtype, device=device)
+        self.norm = operations.LayerNorm(cfg.width, dtype=dtype, device=device)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(emb).reshape(emb.shape[0], self.tokens, -1))
 
 
 class AudioProj(nn.Module):
-    """Windowed wav2vec features (B, f, 5, layers, C) -> audio tokens (B, f, tokens, width)."""
+    """hallo/models/audio_proj.py `AudioProjModel`: windowed wav2vec features (B, f, 5, layers, C) ->
+    audio tokens (B, f, tokens, width)."""
 
-    def __init__(self, cfg: AudioProjConfig):
+    def __init__(self, cfg: AudioProjConfig, dtype=None, device=None, operations=TorchOps):
         super().__init__()
+        dd = {"dtype": dtype, "device": device}
         self.cfg = cfg
-        self.proj1 = nn.Linear(cfg.window * cfg.layers * cfg.channels, cfg.hidden)
-        self.proj2 = nn.Linear(cfg.hidden, cfg.hidden)
-        self.proj3 = nn.Linear(cfg.hidden, cfg.tokens * cfg.width)
-        self.norm = nn.LayerNorm(cfg.width)
+        self.proj1 = operations.Linear(cfg.window * cfg.layers * cfg.channels, cfg.hidden, **dd)
+        self.proj2 = operations.Linear(cfg.hidden, cfg.hidden, **dd)
+        self.proj3 = operations.Linear(cfg.hidden, cfg.tokens * cfg.width, **dd)
+        self.norm = operations.LayerNorm(cfg.width, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, f = x.shape[:2]
         x = F.relu(self.proj2(F.relu(self.proj1(x.reshape(b * f, -1)))))
-        return self.norm(self.proj3(x).reshape(b * f, self.cfg.tokens, self.cfg.width)).reshape(b, f, self.cfg.tokens, -1)
+        tokens = self.norm(self.proj3(x).reshape(b * f, self.cfg.tokens, self.cfg.width))
+        return tokens.reshape(b, f, self.cfg.tokens, -1)

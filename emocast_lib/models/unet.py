@@ -1,9 +1,13 @@
-"""The two UNets. The reference UNet returns its per-block features; the denoising UNet takes them
-(prepared once per clip into a `ClipContext`) as an argument on every step."""
+"""The two UNets of EmoCAST: the reference UNet (emocast/models/unet_2d_condition_text.py,
+`UNet2DConditionModel`) returns its per-block features, and the denoising UNet
+(emocast/models/unet_3d_text.py, `UNet3DConditionModel`, after Hallo's hallo/models/unet_3d.py) takes
+them, prepared once per clip into a `ClipContext`, as an argument on every step. Frames are folded
+into the batch, so both are built from the same per-frame blocks."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -13,109 +17,116 @@ from ..config import REGIONS, UNetConfig
 from .audio_module import AudioModule
 from .blocks import Downsample, ResnetBlock, SpatialTransformer, Stage, TimestepEmbedding, Upsample, timestep_embedding
 from .motion import MotionModule
+from .ops import TorchOps
 
-Trace = dict[str, torch.Tensor] | None
+
+@dataclass(frozen=True)
+class StageLayout:
+    """What one stage holds (the arguments of `get_down_block` / `UNetMidBlock3DCrossAttn` /
+    `get_up_block` in emocast/models/unet_3d_blocks_text.py, Hallo's hallo/models/unet_3d_blocks.py)."""
+
+    kind: str  # "down", "mid" or "up"
+    channels: int  # output width of every resnet
+    resnet_inputs: tuple[int, ...]  # input width of each resnet (in an up stage: with the skip it joins)
+    cross_attention: bool  # a spatial transformer after each resnet (in the mid stage: after the first)
+    audio_widths: tuple[int, ...] = ()  # denoising UNet: inner width of the audio module after each transformer
+    motion_modules: int = 0  # denoising UNet: motion modules the stage holds (one per transformer run)
+    sampler: bool = False  # ends with a downsampler / upsampler
+
+    @property
+    def attention_layers(self) -> int:
+        return 0 if not self.cross_attention else 1 if self.kind == "mid" else len(self.resnet_inputs)
 
 
-def _recorder(trace: Trace) -> Callable[[str, torch.Tensor], None]:
-    """Optional record of every stage output (used by the parity tests to localise a divergence)."""
-    return trace.__setitem__ if trace is not None else lambda name, x: None
+def unet_layout(cfg: UNetConfig) -> dict[str, list[StageLayout]]:
+    """The stages of the SD1.5 UNet of `cfg` under their checkpoint names, as UNet3DConditionModel builds
+    them: cross-attention in all stages but the deepest down stage and the first up stage."""
+    widths, layers = cfg.block_out_channels, cfg.layers_per_block
+    last = len(widths) - 1
+    down = []
+    for i, c in enumerate(widths):
+        inputs = (widths[max(i - 1, 0)],) + (c,) * (layers - 1)
+        down.append(StageLayout(kind="down", channels=c, resnet_inputs=inputs, cross_attention=i < last,
+                                # The released audio modules are as wide as their resnet's input.
+                                audio_widths=inputs if i < last else (), motion_modules=layers, sampler=i < last))
+    mid = StageLayout(kind="mid", channels=widths[-1], resnet_inputs=(widths[-1],) * 2, cross_attention=True,
+                      audio_widths=(widths[-1],), motion_modules=1)
+    up, reverse = [], widths[::-1]
+    for i, c in enumerate(reverse):
+        prev, mirror = reverse[max(i - 1, 0)], reverse[min(i + 1, last)]  # previous stage out, mirrored stage in
+        # Each resnet joins one down-path output, last of all the mirrored down stage's input.
+        inputs = tuple((prev if j == 0 else c) + (mirror if j == layers else c) for j in range(layers + 1))
+        up.append(StageLayout(kind="up", channels=c, resnet_inputs=inputs, cross_attention=i > 0,
+                              # ... and here as wide as the mirrored down stage's input (upstream `in_channels`).
+                              audio_widths=(mirror,) * (layers + 1) if i > 0 else (), motion_modules=layers + 1,
+                              sampler=i < last))
+    return {"down_blocks": down, "mid_block": [mid], "up_blocks": up}
 
 
 class _UNet(nn.Module):
-    """SD1.5 skeleton; the denoising variant adds audio and motion modules to every stage."""
+    """SD1.5 skeleton; the denoising variant adds audio and motion modules to its stages."""
 
-    def __init__(self, cfg: UNetConfig, denoising: bool):
+    def __init__(self, cfg: UNetConfig, denoising: bool, dtype=None, device=None, operations=TorchOps):
         super().__init__()
         self.cfg = cfg
-        bo, n, layers = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
-        temb, g, heads, d = cfg.time_embed_dim, cfg.norm_num_groups, cfg.heads, cfg.cross_attention_dim
-        self.conv_in = nn.Conv2d(cfg.in_channels, bo[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(bo[0], temb)
-
-        def attn(c):
-            return SpatialTransformer(c, heads, d, g)
-
-        def audio(c, cx):
-            # The released audio modules run at an inner width taken from another level (Ci below).
-            return AudioModule(c, heads * (cx // heads), heads, g, cfg.audio_attention_dim, d,
-                               cfg.audio_token_dim, cfg.emotive_head_dim)
-
-        def motion(c):
-            return MotionModule(c, cfg.motion_heads, cfg.motion_max_len, cfg.motion_norm_groups)
-
-        def stage(resnets, cross, audio_in, c, count, sampler, name):
-            return Stage(resnets, [attn(c) for _ in range(count)] if cross else [],
-                         [audio(c, audio_in(j)) for j in range(count)] if cross and denoising else [],
-                         [motion(c) for _ in range(count)] if denoising else [], sampler, name)
-
-        down, cout = [], bo[0]
-        for i, c in enumerate(bo):
-            cin, cout = cout, c
-            resnets = [ResnetBlock(cin if j == 0 else c, c, temb, g) for j in range(layers)]
-            down.append(stage(resnets, i < n - 1, lambda j, i=i: bo[i - 1] if j == 0 and i > 0 else bo[i], c, layers,
-                              Downsample(c) if i < n - 1 else None, "downsamplers"))
-        self.down_blocks = nn.ModuleList(down)
-        self.mid_block = stage([ResnetBlock(bo[-1], bo[-1], temb, g) for _ in range(2)], True, lambda j: bo[-1],
-                               bo[-1], 1, None, "")
-        up, rev, prev = [], bo[::-1], bo[-1]
-        for i, c in enumerate(rev):
-            skip = rev[min(i + 1, n - 1)]
-            resnets = [ResnetBlock((prev if j == 0 else c) + (skip if j == layers else c), c, temb, g)
-                       for j in range(layers + 1)]
-            up.append(stage(resnets, i > 0, lambda j, i=i: bo[max(2 - i, 0)], c, layers + 1,
-                            Upsample(c) if i < n - 1 else None, "upsamplers"))
-            prev = c
-        self.up_blocks = nn.ModuleList(up)
+        dd = {"dtype": dtype, "device": device}
+        c0 = cfg.block_out_channels[0]
+        self.conv_in = operations.Conv2d(cfg.in_channels, c0, 3, padding=1, **dd)
+        self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, operations=operations, **dd)
+        layout = unet_layout(cfg)
+        stage = partial(self._stage, denoising=denoising, operations=operations, **dd)
+        self.down_blocks = nn.ModuleList(stage(s) for s in layout["down_blocks"])
+        self.mid_block = stage(layout["mid_block"][0])
+        self.up_blocks = nn.ModuleList(stage(s) for s in layout["up_blocks"])
         if denoising:
-            self.conv_norm_out = nn.GroupNorm(g, bo[0], eps=1e-5)
-            self.conv_out = nn.Conv2d(bo[0], cfg.out_channels, 3, padding=1)
+            self.conv_norm_out = operations.GroupNorm(cfg.norm_num_groups, c0, eps=1e-5, **dd)
+            self.conv_out = operations.Conv2d(c0, cfg.out_channels, 3, padding=1, **dd)
 
-    def _time(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(dtype))
+    def _stage(self, spec: StageLayout, denoising: bool, dtype, device, operations) -> Stage:
+        cfg, c = self.cfg, spec.channels
+        dd = {"dtype": dtype, "device": device, "operations": operations}
+        resnets = [ResnetBlock(cin, c, temb=cfg.time_embed_dim, groups=cfg.norm_num_groups, **dd)
+                   for cin in spec.resnet_inputs]
+        attentions = [SpatialTransformer(c, heads=cfg.heads, context_dim=cfg.cross_attention_dim,
+                                         groups=cfg.norm_num_groups, **dd) for _ in range(spec.attention_layers)]
+        # Upstream passes the head width `width // heads`, so the inner width is a multiple of the heads.
+        audio = [AudioModule(c, inner=cfg.heads * (width // cfg.heads), heads=cfg.heads, groups=cfg.norm_num_groups,
+                             audio_dim=cfg.audio_attention_dim, emo_dim=cfg.cross_attention_dim,
+                             token_dim=cfg.audio_token_dim, emo_head_dim=cfg.emotive_head_dim, **dd)
+                 for width in spec.audio_widths] if denoising else []
+        motion = [MotionModule(c, heads=cfg.motion_heads, max_len=cfg.motion_max_len, groups=cfg.motion_norm_groups,
+                               **dd) for _ in range(spec.motion_modules)] if denoising else []
+        sampler = (Downsample if spec.kind == "down" else Upsample)(c, **dd) if spec.sampler else None
+        return Stage(spec.kind, resnets, attentions, audio, motion, sampler)
 
-    def _run(self, x: torch.Tensor, temb: torch.Tensor, layer: Callable, rec: Callable = lambda k, v: None) -> torch.Tensor:
-        """Down, mid and up stages with SD skips; `layer(path, stage, j, level, x)` runs what follows
-        resnet j of a cross-attention stage (it differs between the two UNets)."""
+    def _time(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Embedding of timestep `t` (a scheduler's CPU tensor or one on x's device) in x's dtype and device."""
+        return self.time_embedding(timestep_embedding(t.to(x.device), self.cfg.block_out_channels[0]).to(x.dtype))
+
+    def _stages(self) -> Iterator[tuple[str, Stage, int]]:
+        """(checkpoint path, stage, grid level) of every stage, in execution order."""
         n = len(self.down_blocks)
-        skips = [x]
         for i, st in enumerate(self.down_blocks):
-            for j, res in enumerate(st.resnets):
-                x = res(x, temb)
-                rec(f"down_blocks.{i}.resnets.{j}", x)
-                if len(st.attentions):
-                    x = layer(f"down_blocks.{i}", st, j, i, x)
-                skips.append(x)
-            if st.sampler is not None:
-                x = st.sampler(x)
-                rec(f"down_blocks.{i}.downsamplers.0", x)
-                skips.append(x)
-            rec(f"down_blocks.{i}", x)
-        mid = self.mid_block
-        x = mid.resnets[0](x, temb)
-        rec("mid_block.resnets.0", x)
-        x = layer("mid_block", mid, 0, n - 1, x)
-        x = mid.resnets[1](x, temb)
-        rec("mid_block.resnets.1", x)
-        rec("mid_block", x)
+            yield f"down_blocks.{i}", st, i
+        yield "mid_block", self.mid_block, n - 1
         for i, st in enumerate(self.up_blocks):
-            for j, res in enumerate(st.resnets):
-                x = res(torch.cat([x, skips.pop()], dim=1), temb)
-                rec(f"up_blocks.{i}.resnets.{j}", x)
-                if len(st.attentions):
-                    x = layer(f"up_blocks.{i}", st, j, n - 1 - i, x)
-            if st.sampler is not None:
-                x = st.sampler(x)
-                rec(f"up_blocks.{i}.upsamplers.0", x)
-            rec(f"up_blocks.{i}", x)
+            yield f"up_blocks.{i}", st, n - 1 - i
+
+    def _run(self, x: torch.Tensor, temb: torch.Tensor, after: Callable) -> torch.Tensor:
+        """Down, mid and up stages with SD's skips; `after(path, stage, level, j, x)` runs what follows
+        resnet j of a stage with attentions (it differs between the two UNets)."""
+        skips = [x]
+        for path, st, level in self._stages():
+            x = st(x, temb, skips, partial(after, path, st, level))
         return x
 
 
 class ReferenceUNet(_UNet):
-    """2-D UNet run once per clip on the reference latents (timestep 0); only its features are used."""
+    """2-D UNet run once per clip on the reference latents (timestep 0); only its features are used (the
+    `write` mode of `ReferenceAttentionControl`, emocast/models/mutual_self_attention_text.py)."""
 
-    def __init__(self, cfg: UNetConfig):
-        super().__init__(cfg, denoising=False)
+    def __init__(self, cfg: UNetConfig, dtype=None, device=None, operations=TorchOps):
+        super().__init__(cfg, denoising=False, dtype=dtype, device=device, operations=operations)
 
     def forward(self, sample: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
         """sample (R, 4, h, w); context (2, N, D). Row i is paired with context row i mod 2 (the
@@ -126,13 +137,13 @@ class ReferenceUNet(_UNet):
         order = torch.arange(sample.shape[0], device=sample.device).view(-1, len(context)).T.reshape(-1)
         restore = torch.argsort(order)
 
-        def layer(path, st, j, level, x):
+        def after(path, st, level, j, x):
             x, normed = st.attentions[j].write(x, context)
             bank[f"{path}.attentions.{j}"] = normed[restore]
             return x
 
-        t = torch.zeros(1, dtype=torch.long, device=sample.device)
-        self._run(self.conv_in(sample[order]), self._time(t, sample.dtype), layer)
+        x = self.conv_in(sample[order])
+        self._run(x, self._time(torch.zeros(1, dtype=torch.long, device=x.device), x), after)
         return bank
 
 
@@ -159,27 +170,24 @@ class ClipContext:
 
 
 class DenoisingUNet(_UNet):
-    def __init__(self, cfg: UNetConfig):
-        super().__init__(cfg, denoising=True)
+    """The 3-D denoising UNet with motion and audio modules; its spatial transformers read the reference
+    features (the `read` mode of `ReferenceAttentionControl`)."""
 
-    def _layers(self):
-        for i, st in enumerate(self.down_blocks):
-            yield f"down_blocks.{i}", st, i
-        yield "mid_block", self.mid_block, len(self.down_blocks) - 1
-        for i, st in enumerate(self.up_blocks):
-            yield f"up_blocks.{i}", st, len(self.up_blocks) - 1 - i
+    def __init__(self, cfg: UNetConfig, dtype=None, device=None, operations=TorchOps):
+        super().__init__(cfg, denoising=True, dtype=dtype, device=device, operations=operations)
 
     @torch.no_grad()
     def prepare(self, cond: ClipConditioning, reference: dict[str, torch.Tensor]) -> ClipContext:
         """Project everything step-invariant once: reference keys/values, text/identity keys/values,
-        the emotive audio context and its keys/values, and motion-frame features."""
-        dtype = self.conv_in.weight.dtype
+        the emotive audio context and its keys/values, and motion-frame features; in the dtype of the
+        text context (the computation's dtype, which casting layers may store their weights apart from)."""
+        dtype = cond.context.dtype
         b, c0, f, h, w = cond.face_features.shape
         audio = cond.audio.flatten(0, 1).to(dtype)
         emotion = cond.emotion.to(dtype)
         context = cond.context.to(dtype)
         layers = {}
-        for path, st, level in self._layers():
+        for path, st, level in self._stages():
             for j in range(len(st.attentions)):
                 key = f"{path}.attentions.{j}"
                 # The released code stores reference features in fp16, also in fp32 runs.
@@ -197,30 +205,19 @@ class DenoisingUNet(_UNet):
         face = cond.face_features.transpose(1, 2).reshape(b * f, c0, h, w).to(dtype)
         return ClipContext(face, layers, masks, tuple(float(s) for s in cond.motion_scale))
 
-    def forward(self, sample: torch.Tensor, t: torch.Tensor, ctx: ClipContext, trace: Trace = None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, ctx: ClipContext) -> torch.Tensor:
         """sample (2, 4, f, h, w) -> model output (2, 4, f, h, w). The released inference runs this
         network's training-mode branch; this is that branch: motion frames enter every motion module
         of the cross-attention stages, the motion modules of the first up / last down stage are
         skipped, and `motion_scale` reaches every audio module."""
         b, c, f, h, w = sample.shape
-        rec = _recorder(trace)
-        x = self.conv_in(sample.transpose(1, 2).reshape(b * f, c, h, w))
-        rec("conv_in", x)
-        x = x + ctx.face
+        x = self.conv_in(sample.transpose(1, 2).reshape(b * f, c, h, w)) + ctx.face
 
-        def layer(path, st, j, level, x):
+        def after(path, st, level, j, x):
             lc = ctx.layers[f"{path}.attentions.{j}"]
-            x = st.attentions[j].read(x, lc["ref_kv"], lc["cross_kv"])
-            rec(f"{path}.attentions.{j}", x)
+            x = st.attentions[j](x, lc["ref_kv"], lc["cross_kv"])
             x = st.audio_modules[j](x, lc["audio_kv"], ctx.masks[level], ctx.scales)
-            rec(f"{path}.audio_modules.{j}", x)
-            x = st.motion_modules[j](x, lc["motion"])
-            rec(f"{path}.motion_modules.{j}", x)
-            return x
+            return st.motion_modules[j](x, lc["motion"])
 
-        x = self._run(x, self._time(t, x.dtype), layer, rec)
-        x = self.conv_norm_out(x)
-        rec("conv_norm_out", x)
-        x = self.conv_out(F.silu(x))
-        rec("conv_out", x)
+        x = self.conv_out(F.silu(self.conv_norm_out(self._run(x, self._time(t, x), after))))
         return x.view(b, f, -1, h, w).transpose(1, 2)
