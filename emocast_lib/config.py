@@ -102,6 +102,8 @@ class SamplingConfig:
     seed: int = 42
     # Experimental speed levers, off by default (they change the numerics; emocast_lib/sampling.py):
     scheduler: str = "ddim"  # "ddim" (released), "dpmpp_2m", "uni_pc"
+    cfg_end: float = 1.0  # guidance for this fraction of the steps, then the conditional half alone
+    cache_interval: int = 1  # a full UNet pass every this many steps, shallow passes reusing its deep features between
 
 
 SCHEDULER_CONFIG: dict[str, Any] = {

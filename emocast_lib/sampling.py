@@ -7,16 +7,22 @@ Levers (off by default, each changes the result, judge them on real weights; REA
   clamped to 2**-24 so the first sigma is finite), trailing timesteps (the first step starts at t=999
   like DDIM) and end on sigma 0 (`final_sigmas_type="zero"`, the last step returns the predicted clean
   latents like DDIM's `set_alpha_to_one`), with a first-order final step.
+* `cfg_end`: guidance for the first fraction of the steps only; later steps run the conditional half
+  alone (a batch of f frames instead of 2f).
+* `cache_interval`: DeepCache-style reuse (models/unet.py `DeepFeatures`): a full UNet pass every
+  `cache_interval` steps; the steps between run the first level only, on the deep features of the last
+  full pass.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from .config import SCHEDULER_CONFIG, SamplingConfig
-from .models import ClipContext, DenoisingUNet
+from .models import ClipContext, DeepFeatures, DenoisingUNet
 
 OnStep = Callable[[int, int, torch.Tensor], None]
 ShouldStop = Callable[[], bool]
@@ -35,6 +41,12 @@ def check_settings(settings: SamplingConfig) -> None:
     """Reject unknown lever values before any work (one line: which setting, what is wrong, what to do)."""
     if settings.scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler: {settings.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    if not 0.0 <= settings.cfg_end <= 1.0:
+        raise ValueError(f"cfg_end: {settings.cfg_end} is not a fraction of the steps; give a value from 0 to 1 "
+                         "(1 = guidance on every step, as released)")
+    if settings.cache_interval < 1:
+        raise ValueError(f"cache_interval: {settings.cache_interval} is below 1; give 1 (a full pass every step, "
+                         "as released) or more")
 
 
 def make_scheduler(steps: int, name: str = "ddim"):
@@ -52,6 +64,11 @@ def make_scheduler(steps: int, name: str = "ddim"):
     return scheduler
 
 
+def guided_steps(steps: int, cfg_end: float) -> int:
+    """How many of the first steps run with guidance (`cfg_end` is a fraction of the steps, 0 to 1)."""
+    return math.ceil(round(cfg_end * steps, 6))
+
+
 def guide(out: torch.Tensor, scale: float) -> torch.Tensor:
     """out (2, ...) = [unconditional, conditional] -> guided prediction (1, ...)."""
     uncond, cond = out.chunk(2)
@@ -64,10 +81,18 @@ def denoise_clip(unet: DenoisingUNet, ctx: ClipContext, latents: torch.Tensor, s
     """Run every step on one clip. latents (1, 4, f, h, w) is the initial noise (the initial sigma of
     every scheduler here is 1); `on_step(clip, step, latents)` follows every step."""
     scheduler = make_scheduler(settings.steps, settings.scheduler)
+    guided = guided_steps(settings.steps, settings.cfg_end)
+    cond_ctx = ctx.conditional() if guided < settings.steps else None
+    deep = DeepFeatures() if settings.cache_interval > 1 else None
     for i, t in enumerate(scheduler.timesteps):
         if should_stop is not None and should_stop():
             raise GenerationCancelled(f"cancelled at clip {clip}, step {i}")
-        pred = guide(unet(torch.cat([latents, latents]), t, ctx), settings.cfg_scale)
+        if deep is not None and i % settings.cache_interval == 0:
+            deep.features = None  # a full pass, which keeps the deep features for the next steps
+        if i < guided:
+            pred = guide(unet(torch.cat([latents, latents]), t, ctx, deep), settings.cfg_scale)
+        else:
+            pred = unet(latents, t, cond_ctx, deep)
         latents = scheduler.step(pred, t, latents).prev_sample
         if on_step is not None:
             on_step(clip, i, latents)

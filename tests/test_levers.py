@@ -3,16 +3,21 @@
 Exact reuse: the source portrait's VAE latent and reference-UNet rows are computed once and reused
 while the reference context stays the same, bit for bit what a fresh computation gives.
 Experimental levers: the scheduler choice runs the steps asked for and solves the released noise
-schedule (checked on a data distribution whose exact denoiser is known)."""
+schedule (checked on a data distribution whose exact denoiser is known); `cfg_end` runs the
+conditional half alone after the guided steps; `cache_interval` runs the deep stages only every that
+many steps and reuses their features in between."""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from emocast_lib import pipeline
 from emocast_lib.config import REGIONS, SamplingConfig
+from emocast_lib.models import DeepFeatures
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, ReferenceBank, diffusers_vae, iter_clips
-from emocast_lib.sampling import SCHEDULERS, check_settings, make_scheduler
+from emocast_lib.sampling import SCHEDULERS, check_settings, guided_steps, make_scheduler
 from emocast_lib.tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 
 FRAMES, MOTION = 4, 2
@@ -168,6 +173,102 @@ def test_pipeline_runs_each_scheduler_for_its_steps(net, vae, name):
     assert sizes == [2, 2, 2] and torch.isfinite(clip.latents).all()
 
 
-def test_unknown_scheduler_is_rejected_before_work():
-    with pytest.raises(ValueError, match="scheduler: 'euler' is unknown"):
-        check_settings(_settings(scheduler="euler"))
+@pytest.mark.parametrize("settings,message", [(_settings(scheduler="euler"), "scheduler: 'euler' is unknown"),
+                                              (_settings(cfg_end=1.5), "cfg_end: 1.5 is not a fraction"),
+                                              (_settings(cache_interval=0), "cache_interval: 0 is below 1")])
+def test_bad_lever_values_are_rejected_before_work(settings, message):
+    with pytest.raises(ValueError, match=message):
+        check_settings(settings)
+
+
+# ------------------------------------------------------------------------------------- guidance and reuse
+
+class _Prepared(Exception):
+    """Stops iter_clips once it has prepared the clip's conditioning."""
+
+
+def _clip_context(net, vae, monkeypatch, variant: str = "released"):
+    """The ClipContext that iter_clips prepares for clip 0, and initial latents. Variants: "schedule",
+    an emotion that changes inside the clip (one context row per frame); "unconditional audio", audio
+    tokens in the unconditional half too (its rows then need their own audio keys/values)."""
+    captured = {}
+
+    def spy(cond, bank):
+        captured.update(cond=cond, bank=bank)
+        raise _Prepared
+
+    monkeypatch.setattr(net.denoising_unet, "prepare", spy)
+    portrait, audio, emotion = _inputs(1)
+    if variant == "schedule":
+        emotion = Emotion(emotion.cond + torch.arange(FRAMES)[:, None, None] * 0.1, emotion.uncond)
+    with pytest.raises(_Prepared):
+        next(iter_clips(net, diffusers_vae(vae), portrait, audio, emotion, _settings()))
+    monkeypatch.undo()
+    cond = captured["cond"]
+    if variant == "unconditional audio":
+        cond = replace(cond, audio=torch.cat([cond.audio[1:] * 0.5, cond.audio[1:]]))
+    latents = torch.randn(1, 4, FRAMES, TINY_NET.sample_size // 8, TINY_NET.sample_size // 8,
+                          generator=torch.Generator().manual_seed(3))
+    return net.denoising_unet.prepare(cond, captured["bank"]), latents
+
+
+@pytest.mark.parametrize("steps,cfg_end,guided", [(40, 1.0, 40), (40, 0.5, 20), (3, 0.5, 2), (3, 0.0, 0),
+                                                  (10, 0.3, 3), (7, 1 / 7, 1)])
+def test_guided_steps(steps, cfg_end, guided):
+    assert guided_steps(steps, cfg_end) == guided
+
+
+def test_cfg_end_skips_the_unconditional_half(net, vae):
+    sizes: list[int] = []
+    hook = _rows_per_call(net.denoising_unet, sizes)
+    try:
+        list(iter_clips(net, diffusers_vae(vae), *_inputs(2), _settings(steps=4, cfg_end=0.5)))
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 1, 1] * 2
+
+
+@pytest.mark.parametrize("variant", ["released", "schedule", "unconditional audio"])
+def test_conditional_only_batch_is_the_conditional_half(net, vae, monkeypatch, variant):
+    """Without the unconditional rows the conditional frames compute what they do in the guided batch:
+    reference pairing by row parity, per-half text/identity and audio context, masks, motion frames
+    (float32 sums move with the batch composition, hence the tolerance)."""
+    ctx, latents = _clip_context(net, vae, monkeypatch, variant)
+    t = torch.tensor(500)
+    with torch.no_grad():
+        guided = net.denoising_unet(torch.cat([latents, latents]), t, ctx)
+        alone = net.denoising_unet(latents, t, ctx.conditional())
+    torch.testing.assert_close(alone, guided[1:], rtol=0, atol=1e-4)
+    assert (guided[0] - guided[1]).abs().max() > 1e-2  # the halves differ: a wrong half would show
+    with pytest.raises(ValueError, match="a batch of 2 for a conditional-only clip context"):
+        net.denoising_unet(torch.cat([latents, latents]), t, ctx.conditional())
+
+
+def test_cache_interval_reuses_the_deep_features(net, vae):
+    """cache_interval=2: the deep stages run on steps 0 and 2 only; the first level runs every step."""
+    calls = {"mid": 0, "first_down": 0, "last_up": 0}
+    unet = net.denoising_unet
+    hooks = [module.register_forward_hook(lambda m, a, o, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, module in (("mid", unet.mid_block), ("first_down", unet.down_blocks[0]),
+                               ("last_up", unet.up_blocks[-1]))]
+    try:
+        (clip,) = iter_clips(net, diffusers_vae(vae), *_inputs(1), _settings(steps=4, cache_interval=2))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"mid": 2, "first_down": 4, "last_up": 4} and torch.isfinite(clip.latents).all()
+
+
+def test_shallow_pass_on_unchanged_features_equals_the_full_pass(net, vae, monkeypatch):
+    """A shallow pass given the deep features of the same input is the full pass, bit for bit: the
+    reused features enter the last up stage exactly where the full pass's own would; also for the
+    conditional half reusing a guided pass's features."""
+    ctx, latents = _clip_context(net, vae, monkeypatch)
+    t, both = torch.tensor(700), torch.cat([latents, latents])
+    with torch.no_grad():
+        deep = DeepFeatures()
+        full = net.denoising_unet(both, t, ctx, deep)
+        assert deep.features is not None and deep.features.shape[0] == 2 * FRAMES
+        assert torch.equal(net.denoising_unet(both, t, ctx, deep), full)
+        alone = net.denoising_unet(latents, t, ctx.conditional(), deep)
+    torch.testing.assert_close(alone, full[1:], rtol=0, atol=1e-4)
