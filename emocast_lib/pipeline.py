@@ -124,7 +124,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
         text = torch.cat([uncond_text.expand(f, -1, -1), clip_emo])  # (2f, 77, D)
         context = torch.cat([text, image_tokens.repeat_interleave(f, 0)], dim=1)  # (2f, 81, D)
         # The reference pass sees one emotion per clip: the clip's middle frame.
-        bank = reference(None if prev is None else prev[-m:], context[[f // 2, f + f // 2]])
+        bank = reference(None if prev is None else prev[-m:], context[f // 2 :: f])  # rows f // 2, f + f // 2
         cond = ClipConditioning(context=_collapse(context, f), face_features=face,
                                 audio=torch.cat([torch.zeros_like(tokens), tokens]),
                                 emotion=torch.cat([clip_emo, clip_emo]), masks=masks,
@@ -163,7 +163,8 @@ class ReferenceBank:
             self.source = self.net.reference_unet(self.latent.expand(2, -1, -1, -1), context)
             self.context = context
         if motion is None:
-            return {k: v[[c for _, c in self.rows]] for k, v in self.source.items()}
+            index = torch.tensor([c for _, c in self.rows], device=self.latent.device)
+            return {k: v.index_select(0, index) for k, v in self.source.items()}
         # The motion rows, each (frame, context) pair once, alternating contexts as the UNet pairs rows
         # (a side with fewer pairs is padded with a spare row, dropped after).
         pairs = sorted({r for r in self.rows if r[0] > 0})
@@ -172,9 +173,10 @@ class ReferenceBank:
         sides = [side + [pairs[0][0]] * (n - len(side)) for side in sides]
         order = [(side[k], ctx) for k in range(n) for ctx, side in enumerate(sides)]
         latents = (self.vae.encode(motion) * self.scale).to(self.latent)
-        out = self.net.reference_unet(latents[[j - 1 for j, _ in order]], context)
-        index = [c if j == 0 else 2 + order.index((j, c)) for j, c in self.rows]
-        return {k: torch.cat([self.source[k], v])[index] for k, v in out.items()}
+        rows = torch.tensor([j - 1 for j, _ in order], device=latents.device)
+        out = self.net.reference_unet(latents.index_select(0, rows), context)
+        index = torch.tensor([c if j == 0 else 2 + order.index((j, c)) for j, c in self.rows], device=latents.device)
+        return {k: torch.cat([self.source[k], v]).index_select(0, index) for k, v in out.items()}
 
 
 def _collapse(context: torch.Tensor, f: int) -> torch.Tensor:
