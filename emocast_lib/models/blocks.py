@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import KV, Attention, DecoupledCrossAttention, FeedForward, attend
-from .ops import TorchOps, own_weights
+from .ops import TorchOps, linear, own_weights
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     weight, bias = own
     k, s, p = conv.kernel_size, conv.stride, conv.padding
     if h == w == 1 and s == (1, 1) and p == (k[0] // 2, k[1] // 2):
-        return F.linear(x.flatten(1), _centre(conv, weight), bias)[:, :, None, None]
+        return linear(x.flatten(1), _centre(conv, weight), bias)[:, :, None, None]
     cols = F.unfold(x, k, conv.dilation, p, s)  # (n, cin*kh*kw, L)
     oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
     y = weight.flatten(1) @ cols.transpose(0, 1).reshape(cols.shape[1], -1)
@@ -117,7 +117,7 @@ def pointwise(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
     own = own_weights(conv)
     if own is None:  # a casting layer computes itself, on a (B, C, L, 1) grid
         return conv(t.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)
-    return F.linear(t, own[0].flatten(1), own[1])
+    return linear(t, own[0].flatten(1), own[1])
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
