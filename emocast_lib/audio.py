@@ -8,19 +8,31 @@ layer outputs -> 5-frame windows. Optional vocal separation follows §1.5.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import soundfile
 import soxr
 import torch
-from safetensors import safe_open
 import torch.nn.functional as F
 
 __all__ = [
-    "AudioFeatures", "to_16k_mono", "load_audio_file", "normalize", "load_wav2vec2", "encode_audio",
-    "window_frames", "separate_vocals", "load_separated_16k", "SEPARATOR_FILES",
+    "SEPARATOR_FILES",
+    "WAV2VEC2_BASE",
+    "AudioFeatures",
+    "TransformersWav2Vec2",
+    "Wav2Vec2Stages",
+    "encode_audio",
+    "load_audio_file",
+    "load_separated_16k",
+    "load_wav2vec2",
+    "normalize",
+    "separate_vocals",
+    "to_16k_mono",
+    "window_frames",
 ]
 
 SAMPLE_RATE = 16000
@@ -73,33 +85,68 @@ def normalize(wave16k: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / np.sqrt(x.var() + 1e-7)
 
 
-def load_wav2vec2(folder: str | Path):
-    """Wav2Vec2Model from a local folder (config.json + model.safetensors), eval mode, fp32.
+# wav2vec2-base-960h's encoder architecture, spelled out rather than taken from transformers' defaults: the
+# one-file layout (ComfyUI's models/audio_encoders) has no config.json.
+WAV2VEC2_BASE: dict[str, object] = {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+    "hidden_act": "gelu", "layer_norm_eps": 1e-5, "feat_extract_norm": "group", "feat_extract_activation": "gelu",
+    "conv_dim": [512] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_bias": False, "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
+    "do_stable_layer_norm": False, "vocab_size": 32,
+}
 
-    Accepts the bare `Wav2Vec2Model` layout and the public `wav2vec2-base-960h` layout (`wav2vec2.`
-    prefix, `weight_g`/`weight_v`, unused `lm_head`). Only safetensors weights are read (no pickle).
+
+def load_wav2vec2(path: str | Path):
+    """transformers Wav2Vec2Model, eval mode, fp32, from a folder or a single file.
+
+    A folder holds config.json + model.safetensors (any size, e.g. the test fixtures). A single
+    `.safetensors` file (ComfyUI's models/audio_encoders layout, as downloaded from
+    facebook/wav2vec2-base-960h) must be wav2vec2-base: its configuration is `WAV2VEC2_BASE`. Both accept
+    the bare `Wav2Vec2Model` keys and the public checkpoint's (`wav2vec2.` prefix, `weight_g`/`weight_v`,
+    unused `lm_head`). Only safetensors weights are read (no pickle).
     """
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    from transformers import Wav2Vec2Config
 
-    folder = Path(folder)
-    missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"wav2vec2 folder {folder} lacks {', '.join(missing)}: it must hold the wav2vec2-base-960h "
-            "checkpoint's config.json and model.safetensors (pickled .bin weights are not loaded)")
-    # Check the keys ourselves: transformers versions disagree on reporting weight_g/weight_v as missing.
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        found = {_canonical_key(k) for k in f.keys()}
-    config = Wav2Vec2Config.from_pretrained(folder, local_files_only=True)
+    path = Path(path)
+    if path.is_dir():
+        missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"wav2vec2 folder {path} lacks {', '.join(missing)}: it must hold the wav2vec2-base-960h "
+                "checkpoint's config.json and model.safetensors (pickled .bin weights are not loaded)")
+        config, weights = Wav2Vec2Config.from_pretrained(path, local_files_only=True), path / "model.safetensors"
+    elif path.is_file() and path.suffix == ".safetensors":
+        config, weights = Wav2Vec2Config(**WAV2VEC2_BASE), path
+    else:
+        raise FileNotFoundError(f"wav2vec2 not found: {path} is neither a .safetensors file nor a folder; download "
+                                "model.safetensors of facebook/wav2vec2-base-960h")
     if config.do_stable_layer_norm:
-        raise ValueError(f"{folder} is a stable-layer-norm (large) wav2vec2; EmoCAST uses wav2vec2-base-960h")
-    with torch.device("meta"):  # key names only, no memory
-        expected = set(Wav2Vec2Model(config).state_dict())
-    if expected - found:
-        raise ValueError(f"{folder / 'model.safetensors'} is not a matching wav2vec2 checkpoint: it lacks "
-                         f"{len(expected - found)} weights, e.g. {sorted(expected - found)[:3]}")
-    model = Wav2Vec2Model.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-    return model.float().eval()
+        raise ValueError(f"{path} is a stable-layer-norm (large) wav2vec2; EmoCAST uses wav2vec2-base-960h")
+    return _wav2vec2_from_file(weights, config, single_file=weights == path)
+
+
+def _wav2vec2_from_file(weights: Path, config, single_file: bool):
+    from safetensors.torch import load_file
+    from transformers import Wav2Vec2Model
+
+    with torch.device("meta"):  # key names and shapes only; the file's tensors fill it below
+        model = Wav2Vec2Model(config)
+    expected = model.state_dict()
+    # Canonical keys ourselves: transformers versions disagree on reporting weight_g/weight_v as missing.
+    found = {_canonical_key(k): v for k, v in load_file(weights).items()}
+    lacking = sorted(expected.keys() - found.keys())
+    if lacking:
+        raise ValueError(f"{weights} is not a matching wav2vec2 checkpoint: it lacks {len(lacking)} weights, "
+                         f"e.g. {lacking[:3]}")
+    wrong = [k for k in expected if found[k].shape != expected[k].shape]
+    if wrong:
+        width = found["encoder.layer_norm.bias"].shape[0]
+        hint = (f"a single file must be wav2vec2-base-960h (hidden size 768, this one has {width}); other sizes "
+                "need a folder with their config.json") if single_file else "its config.json does not match it"
+        raise ValueError(f"{weights}: {len(wrong)} weights have other shapes than the model, e.g. {wrong[0]} "
+                         f"{tuple(found[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)}; {hint}")
+    model.load_state_dict({k: found[k].float() for k in expected}, assign=True)
+    return model.eval()
 
 
 def _canonical_key(key: str) -> str:
@@ -131,9 +178,58 @@ def window_frames(emb: torch.Tensor, radius: int = WINDOW) -> torch.Tensor:
     return emb[idx]
 
 
+@runtime_checkable
+class Wav2Vec2Stages(Protocol):
+    """A wav2vec2-base as the three stages the reference runs separately (README §1.3 step 5), so that any
+    implementation (transformers here, ComfyUI core's in the nodes) computes the same features."""
+
+    device: torch.device  # where the waveform is put
+    dtype: torch.dtype  # the dtype it is put in, which the stages compute in
+
+    def conv_features(self, wave: torch.Tensor) -> torch.Tensor:
+        """(1, samples) -> (1, channels, T_conv): the convolutional feature encoder."""
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(1, T, channels) -> (1, T, hidden): the feature projection (LayerNorm, Linear)."""
+
+    def layer_outputs(self, hidden: torch.Tensor) -> Sequence[torch.Tensor]:
+        """(1, T, hidden) -> the output of each transformer layer, (1, T, hidden) each; the positional
+        convolution is added and the encoder LayerNorm applied first (post-LN wav2vec2-base)."""
+
+
+class TransformersWav2Vec2:
+    """Wav2Vec2Stages of a transformers `Wav2Vec2Model` (what `load_wav2vec2` returns), computing in its dtype."""
+
+    def __init__(self, model):
+        if model.config.do_stable_layer_norm:
+            raise ValueError("a stable-layer-norm (large) wav2vec2 cannot give EmoCAST's features; use wav2vec2-base")
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    def conv_features(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.model.feature_extractor(wave)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.feature_projection(features)[0]  # (projected, normalised input)
+
+    def layer_outputs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        enc = self.model.encoder
+        hidden = enc.layer_norm(hidden + enc.pos_conv_embed(hidden))
+        outputs = []
+        for layer in enc.layers:
+            out = layer(hidden, attention_mask=None)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x a tensor
+            outputs.append(hidden)
+        return outputs
+
+
 @torch.inference_mode()
-def encode_audio(wave16k: np.ndarray, encoder, fps: int = 25, clip_length: int = 16) -> AudioFeatures:
-    """16 kHz mono waveform + Wav2Vec2Model -> AudioFeatures (README §1.3 steps 2-7)."""
+def encode_audio(wave16k: np.ndarray, encoder: Wav2Vec2Stages | torch.nn.Module, fps: int = 25,
+                 clip_length: int = 16) -> AudioFeatures:
+    """16 kHz mono waveform + wav2vec2 (its stages, or a transformers Wav2Vec2Model) -> AudioFeatures
+    (README §1.3 steps 2-7)."""
+    stages = encoder if isinstance(encoder, Wav2Vec2Stages) else TransformersWav2Vec2(encoder)
     wave = np.asarray(wave16k, np.float32)
     if wave.ndim != 1:
         raise ValueError(f"encode_audio expects 16 kHz mono (samples,), got shape {tuple(wave.shape)}; use to_16k_mono")
@@ -148,19 +244,11 @@ def encode_audio(wave16k: np.ndarray, encoder, fps: int = 25, clip_length: int =
     padded = np.pad(values, (0, pad_frames * (SAMPLE_RATE // fps)))
     seq_len += pad_frames
 
-    param = next(encoder.parameters())
-    x = torch.from_numpy(padded).to(param.device, param.dtype)[None]
-    conv = encoder.feature_extractor(x)  # (1, C, T_conv)
+    x = torch.from_numpy(padded).to(stages.device, stages.dtype)[None]
+    conv = stages.conv_features(x)  # (1, C, T_conv)
     interp = F.interpolate(conv, size=seq_len, mode="linear", align_corners=True).transpose(1, 2)
-    hidden = encoder.feature_projection(interp)[0]
-    enc = encoder.encoder
-    hidden = enc.layer_norm(hidden + enc.pos_conv_embed(hidden))
-    layers = []
-    for layer in enc.layers:
-        out = layer(hidden, attention_mask=None)
-        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple, 5.x a tensor
-        layers.append(hidden[0])
-    audio_emb = torch.stack(layers, dim=1).float().cpu()
+    layers = stages.layer_outputs(stages.project(interp))
+    audio_emb = torch.stack([h[0] for h in layers], dim=1).float().cpu()
     return AudioFeatures(
         waveform=wave, input_values=values, encoder_input_values=padded,
         conv_features=conv[0].T.float().cpu(), interp_features=interp[0].float().cpu(), audio_emb=audio_emb,

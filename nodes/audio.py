@@ -10,12 +10,44 @@ import soundfile
 import torch
 from comfy_api.latest import io, ui
 
-from emocast_lib import audio as audio_lib, layout
+from emocast_lib import audio as audio_lib
+from emocast_lib import layout
 
 from . import paths
 from .convert import audio_mono, fit_audio
-from .sockets import Audio, AudioEncoder
+from .sockets import Audio
 from .types import AudioCond, EmoCASTInputError
+
+
+class CoreWav2Vec2:
+    """The library's wav2vec2 stages (audio_lib.Wav2Vec2Stages) over ComfyUI core's AUDIO_ENCODER: the submodules
+    of its wav2vec2 driven in the reference's order. Computes in fp32, as core's own encode_audio: its casting ops
+    bring the stored weights (fp16 unless ComfyUI runs with --fp32-text-enc) to the input's dtype, and its
+    positional convolution is a plain fp32 layer."""
+
+    dtype = torch.float32
+
+    def __init__(self, audio_encoder):
+        from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model
+
+        model = getattr(audio_encoder, "model", None)
+        if not isinstance(model, Wav2Vec2Model):
+            raise EmoCASTInputError(
+                f"audio_encoder: is a {type(model).__name__}, not a wav2vec2; load {layout.WAV2VEC.name} from "
+                f"models/{layout.WAV2VEC.folder} with Load Audio Encoder (download: {layout.WAV2VEC.source})")
+        if model.encoder.do_stable_layer_norm:
+            raise EmoCASTInputError(f"audio_encoder: is a large (stable layer norm) wav2vec2; EmoCAST was trained "
+                                    f"with wav2vec2-base-960h (download: {layout.WAV2VEC.source})")
+        self.model, self.patcher, self.device = model, audio_encoder.patcher, audio_encoder.load_device
+
+    def conv_features(self, wave: torch.Tensor) -> torch.Tensor:
+        return self.model.feature_extractor(wave).transpose(1, 2)  # core's encoder returns (1, T, C)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.feature_projection(features)
+
+    def layer_outputs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.encoder(hidden)[1][1:]  # (encoder input after its LayerNorm, output of each layer)
 
 
 class AudioEncode(io.ComfyNode):
@@ -32,7 +64,10 @@ class AudioEncode(io.ComfyNode):
                 io.Audio.Input("audio", tooltip="Speech, any sample rate and channel count (channels are "
                                                  "averaged). Use Load Audio, or EmoCAST Vocal Separator first "
                                                  "for speech over music."),
-                AudioEncoder.Input("audio_encoder", tooltip="From EmoCAST Audio Encoder Loader."),
+                io.AudioEncoder.Input("audio_encoder",
+                                      tooltip=f"wav2vec2-base-960h from core Load Audio Encoder "
+                                              f"(models/{layout.WAV2VEC.folder}/{layout.WAV2VEC.name}; download: "
+                                              f"{layout.WAV2VEC.source})."),
                 io.Int.Input("fps", default=25, min=1, max=60,
                              tooltip="Video frame rate. EmoCAST was trained at 25 fps."),
                 io.Int.Input("clip_length", default=16, min=4, max=32,
@@ -50,11 +85,12 @@ class AudioEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, audio: dict, audio_encoder, fps: int, clip_length: int) -> io.NodeOutput:
+        stages = CoreWav2Vec2(audio_encoder)
         wave, rate = audio_mono(audio)
         try:
             wave16k = audio_lib.to_16k_mono(wave, rate)
-            mm.load_models_gpu([audio_encoder], force_full_load=True)
-            feats = audio_lib.encode_audio(wave16k, audio_encoder.model.encoder, fps, clip_length)
+            mm.load_model_gpu(stages.patcher)
+            feats = audio_lib.encode_audio(wave16k, stages, fps, clip_length)
         except ValueError as e:
             raise EmoCASTInputError(f"audio: {e}") from e
         cond = AudioCond(feats.windowed, feats.audio_length, fps, clip_length,

@@ -7,13 +7,13 @@ from . import paths
 from .audio import AudioEncode, VocalSeparator
 from .emotion import EmotionEncode, EmotionSchedule
 from .face import CropPortrait, FaceAnalysis
-from .loaders import AudioEncoderLoader, ModelLoader
+from .loaders import ModelLoader
 from .sampler import Sampler, SamplerToVideo
 
 paths.register()
 
-NODES: list[type[io.ComfyNode]] = [ModelLoader, AudioEncoderLoader, VocalSeparator, AudioEncode, EmotionEncode,
-                                   EmotionSchedule, FaceAnalysis, CropPortrait, Sampler, SamplerToVideo]
+NODES: list[type[io.ComfyNode]] = [ModelLoader, VocalSeparator, AudioEncode, EmotionEncode, EmotionSchedule,
+                                   FaceAnalysis, CropPortrait, Sampler, SamplerToVideo]
 
 
 class EmoCASTExtension(ComfyExtension):

@@ -1,39 +1,38 @@
-"""EmoCAST Model Loader and EmoCAST Audio Encoder Loader."""
+"""EmoCAST Model Loader (wav2vec2 comes from core's Load Audio Encoder, see nodes/audio.py)."""
 from __future__ import annotations
 
 import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
 import torch
-from comfy.model_patcher import ModelPatcher
 from comfy_api.latest import io
 
 from emocast_lib import layout
+from emocast_lib.config import PRECISIONS
 
 from . import paths
-from .sockets import AudioEncoder, Model
+from .sockets import Model
+from .types import EmoCASTInputError
 
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+def weight_and_compute_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """fp16/bf16/fp32: weights and computation in that precision. auto: ComfyUI's choice for a diffusion model
+    on `device` (its --fp16-unet/--bf16-unet/--fp32-unet flags included), where weights stored in one dtype may
+    be cast to another per layer to compute."""
     if precision != "auto":
-        return PRECISIONS[precision]
-    if mm.should_use_fp16(device):
-        return torch.float16
-    return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+        return PRECISIONS[precision], PRECISIONS[precision]
+    supported = list(PRECISIONS.values())
+    weight = mm.unet_dtype(device, supported_dtypes=supported)
+    if weight not in supported:
+        raise EmoCASTInputError(f"precision: ComfyUI's diffusion-model flags ask for {weight}, which EmoCAST does "
+                                f"not run in; choose {', '.join(PRECISIONS)} instead of auto")
+    return weight, mm.unet_manual_cast(weight, device, supported) or weight
 
 
-def managed(module: torch.nn.Module) -> ModelPatcher:
-    """Hand a plain torch module to ComfyUI's memory manager (loaded whole: no low-VRAM casting)."""
-    return ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-
-
-class Wav2Vec2Holder(torch.nn.Module):
-    """ModelPatcher records the device on its module as `.device`, which transformers models expose as
-    a read-only property; this container takes the attribute instead."""
-
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.encoder = encoder
+def compute_dtype(model: comfy.model_patcher.ModelPatcher) -> torch.dtype:
+    """The dtype the network computes in: the manual-cast dtype the loader set where it differs from the
+    weights' (ComfyUI's convention), else that of the weights."""
+    return model.object_patches.get("manual_cast_dtype") or next(model.model.parameters()).dtype
 
 
 class ModelLoader(io.ComfyNode):
@@ -51,12 +50,14 @@ class ModelLoader(io.ComfyNode):
                                        f".safetensors made by `python -m emocast_lib convert`. Download: "
                                        f"{layout.NET.source}"),
                 io.Combo.Input("precision", options=["auto", *PRECISIONS], default="auto",
-                               tooltip="Weight precision. auto: fp16 (or bf16) where the GPU supports it, "
-                                       "fp32 on the CPU."),
+                               tooltip="auto: what ComfyUI picks for diffusion models on this device (fp16 or "
+                                       "bf16 on most GPUs, fp32 on the CPU; --fp16-unet/--bf16-unet/--fp32-unet "
+                                       "apply). fp16/bf16/fp32: weights and computation in that precision."),
             ],
             outputs=[Model.Output("model", display_name="model",
-                                  tooltip="The EmoCAST network, managed by ComfyUI (moved to the "
-                                          "GPU for sampling, offloaded when memory is needed).")],
+                                  tooltip="The EmoCAST network, managed by ComfyUI like its own models: loaded "
+                                          "to the GPU for sampling, partly kept in RAM and streamed when VRAM is "
+                                          "short, offloaded when other models need the memory.")],
         )
 
     @classmethod
@@ -70,40 +71,18 @@ class ModelLoader(io.ComfyNode):
         from emocast_lib.checkpoint import load_net
 
         path = paths.checkpoint_path(checkpoint)
-        dtype = compute_dtype(precision, mm.get_torch_device())
-        net = load_net(path, dtype=dtype, device=mm.unet_offload_device())
-        return io.NodeOutput(managed(net.eval().requires_grad_(False)))
-
-
-class AudioEncoderLoader(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="EmoCASTAudioEncoderLoader",
-            display_name="EmoCAST Audio Encoder Loader",
-            category="EmoCAST",
-            description="Loads the wav2vec2-base-960h speech encoder EmoCAST was trained with (a folder with "
-                        "config.json and model.safetensors under models/emocast/wav2vec/).",
-            inputs=[
-                io.Combo.Input("wav2vec", options=list(paths.wav2vec_folders()),
-                               tooltip=f"wav2vec2 folder in models/{paths.FOLDER}/{paths.WAV2VEC_DIR}/ holding "
-                                       f"config.json and model.safetensors. Download: {layout.WAV2VEC.source}"),
-            ],
-            outputs=[AudioEncoder.Output("audio_encoder", display_name="audio_encoder",
-                                         tooltip="wav2vec2 encoder for EmoCAST Audio Encode.")],
-        )
-
-    @classmethod
-    def validate_inputs(cls, wav2vec: str) -> bool | str:
-        if wav2vec not in paths.wav2vec_folders():
-            return paths.missing_folder("wav2vec", wav2vec, layout.WAV2VEC)
-        return True
-
-    @classmethod
-    def execute(cls, wav2vec: str) -> io.NodeOutput:
-        from emocast_lib.audio import load_wav2vec2
-
-        folder = paths.wav2vec_folders().get(wav2vec)
-        if folder is None:
-            raise FileNotFoundError(paths.missing_folder("wav2vec", wav2vec, layout.WAV2VEC))
-        return io.NodeOutput(managed(Wav2Vec2Holder(load_wav2vec2(folder).requires_grad_(False))))
+        load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+        weight, compute = weight_and_compute_dtypes(precision, load_device)
+        # ComfyUI's casting layers, casting on every call as the dynamic VRAM patcher makes every layer do: the
+        # weights may stay in RAM (partial loading) or in another dtype, and a layer whose weight already is
+        # where and what its input is takes it as it is. A network that always casts computes the same whether
+        # ComfyUI loads it whole or in part (the library's own-weight fast paths are for plain torch layers).
+        net = load_net(path, dtype=weight, device=offload_device, operations=comfy.ops.manual_cast)
+        net.requires_grad_(False)
+        # The newest patcher this ComfyUI has: main.py rebinds CoreModelPatcher to the dynamic VRAM patcher at
+        # start-up, so it is looked up now; ComfyUI 0.3.64 has only ModelPatcher.
+        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+        model = patcher_class(net, load_device=load_device, offload_device=offload_device)
+        if compute != weight:
+            model.set_model_compute_dtype(compute)
+        return io.NodeOutput(model)

@@ -15,7 +15,6 @@ from emocast_lib import layout
 FOLDER = "emocast"
 # Sub-folders of models/emocast that hold the companion models, not network checkpoints.
 COMPANION_DIRS = ("wav2vec", "face_analysis", "audio_separator")
-WAV2VEC_DIR = Path(layout.WAV2VEC.name).parent.as_posix()  # "wav2vec"
 LANDMARKER_NAME = Path(layout.LANDMARKER.name).name
 SEPARATOR_DIR = Path(layout.SEPARATOR.name).parent.as_posix()
 
@@ -62,10 +61,6 @@ def _found(pattern: str, parent: bool) -> dict[str, Path]:
             path = match.parent if parent else match
             found.setdefault(path.relative_to(root).as_posix(), path)
     return found
-
-
-def wav2vec_folders() -> dict[str, Path]:
-    return _found(f"{WAV2VEC_DIR}/*/config.json", parent=True)
 
 
 def face_model_folders() -> dict[str, Path]:

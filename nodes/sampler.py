@@ -18,6 +18,7 @@ from emocast_lib.sampling import GenerationCancelled
 from emocast_lib.video import Mp4Writer
 
 from .convert import comfy_vae, frames_to_image, latents_to_comfy, single_image, to_uint8
+from .loaders import compute_dtype
 from .sockets import Audio, Emotion as EmotionSocket, Face, Model
 from .types import AudioCond, EmoCASTInputError, EmotionCond, FaceInfo
 
@@ -162,7 +163,7 @@ def sample_clips(model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_aud
                               fps=emocast_audio.fps, motion_scale=weights, seed=seed)
     cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
 
-    mm.load_models_gpu([model], force_full_load=True)
+    mm.load_models_gpu([model])
     total = num_clips(audio, settings) * steps
     pbar = comfy.utils.ProgressBar(total)
     previewer = latent_preview.get_previewer(model.load_device, comfy.latent_formats.SD15())
@@ -176,7 +177,8 @@ def sample_clips(model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_aud
 
     try:
         yield from iter_clips(net, comfy_vae(vae), inputs, audio, Emotion(cond, emotion.uncond), settings,
-                              on_step=on_step, should_stop=mm.processing_interrupted)
+                              on_step=on_step, should_stop=mm.processing_interrupted, device=model.load_device,
+                              dtype=compute_dtype(model))
     except GenerationCancelled:
         mm.throw_exception_if_processing_interrupted()
         raise

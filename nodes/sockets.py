@@ -2,7 +2,6 @@
 from comfy_api.latest import io
 
 Model = io.Custom("EMOCAST_MODEL")
-AudioEncoder = io.Custom("EMOCAST_AUDIO_ENCODER")
 Audio = io.Custom("EMOCAST_AUDIO")
 Emotion = io.Custom("EMOCAST_EMOTION")
 Face = io.Custom("EMOCAST_FACE")

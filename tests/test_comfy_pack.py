@@ -26,9 +26,9 @@ pytestmark = pytest.mark.skipif(
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 INPUTS = ROOT / "workflows" / "inputs"
-EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTAudioEncoderLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEncode",
-                 "EmoCASTEmotionEncode", "EmoCASTEmotionSchedule", "EmoCASTFaceAnalysis", "EmoCASTCropPortrait",
-                 "EmoCASTSampler", "EmoCASTSamplerToVideo"}
+EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEncode", "EmoCASTEmotionEncode",
+                 "EmoCASTEmotionSchedule", "EmoCASTFaceAnalysis", "EmoCASTCropPortrait", "EmoCASTSampler",
+                 "EmoCASTSamplerToVideo"}
 
 
 def harness(*args: str, timeout: float = 600) -> dict:
@@ -66,8 +66,7 @@ def test_pack_imports_and_every_node_has_tooltips():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{key} has no tooltip"
         assert len(node["output_tooltips"]) == len(node["output"]) and all(node["output_tooltips"]), name
     custom = {t for node in EMOCAST_NODES for t in info[node]["output"] if t.startswith("EMOCAST_")}
-    assert custom == {"EMOCAST_MODEL", "EMOCAST_AUDIO_ENCODER", "EMOCAST_AUDIO", "EMOCAST_EMOTION", "EMOCAST_FACE",
-                      "EMOCAST_CROP_INFO"}
+    assert custom == {"EMOCAST_MODEL", "EMOCAST_AUDIO", "EMOCAST_EMOTION", "EMOCAST_FACE", "EMOCAST_CROP_INFO"}
 
 
 def _mp4_streams(path: Path) -> tuple[int, float, list[str]]:

@@ -49,12 +49,15 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
-from packimport import pack_module  # noqa: E402
+from comfy_audio_encoder import core_audio_encoder  # noqa: E402
 
+from packimport import pack_module  # noqa: E402
 
 ext = pack_module("extension")
 nodes_audio, nodes_emotion, nodes_face = pack_module("audio"), pack_module("emotion"), pack_module("face")
 nodes_loaders, nodes_sampler, types = pack_module("loaders"), pack_module("sampler"), pack_module("types")
+from emocast_lib import layout  # after packimport, which puts the pack on sys.path (also when run as a script)
+
 STEPS = 3
 SECONDS = 0.4  # 10 frames at 25 fps: one 16-frame clip
 
@@ -85,7 +88,7 @@ def sampler_inputs(models: Path) -> dict:
     """What the shipped talking-portrait workflow feeds the sampler, with a short speech."""
     portrait = load_image(INPUTS / "portrait.png")
     face = nodes_face.FaceAnalysis.execute(portrait, "face_analysis/models", 1.2, True)[0]
-    encoder = nodes_loaders.AudioEncoderLoader.execute("wav2vec/wav2vec2-base-960h")[0]
+    encoder = core_audio_encoder(layout.WAV2VEC.path(models))
     audio = nodes_audio.AudioEncode.execute(load_speech(SECONDS), encoder, 25, 16)[0]
     emotion = nodes_emotion.EmotionEncode.execute(load_clip(models), nodes_emotion.DEFAULT_EMOTION)[0]
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae" / "vae-ft-mse-840000-ema-pruned.safetensors")))
@@ -173,7 +176,7 @@ def test_no_face_is_an_error_naming_the_image(models):
 
 
 def test_empty_or_too_short_audio(models):
-    encoder = nodes_loaders.AudioEncoderLoader.execute("wav2vec/wav2vec2-base-960h")[0]
+    encoder = core_audio_encoder(layout.WAV2VEC.path(models))
     empty = {"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000}
     with pytest.raises(types.EmoCASTInputError, match="audio is empty"):
         nodes_audio.AudioEncode.execute(empty, encoder, 25, 16)
@@ -183,8 +186,6 @@ def test_empty_or_too_short_audio(models):
 
 
 def test_missing_files_say_where_they_go_and_where_to_get_them(models):
-    message = nodes_loaders.AudioEncoderLoader.validate_inputs("wav2vec/nope")
-    assert "models/emocast/wav2vec/wav2vec2-base-960h" in message and "huggingface.co/facebook" in message
     message = nodes_face.FaceAnalysis.validate_inputs("nope")
     assert "models/emocast/face_analysis/models" in message and "download" in message
     message = nodes_loaders.ModelLoader.validate_inputs("missing.pth")
@@ -198,7 +199,6 @@ def test_combos_list_model_files_only(models):
     paths = pack_module("paths")
     assert "net.pth" in paths.checkpoints()
     assert not [c for c in paths.checkpoints() if c.split("/")[0] in paths.COMPANION_DIRS]
-    assert list(paths.wav2vec_folders()) == ["wav2vec/wav2vec2-base-960h"]
     assert list(paths.face_model_folders()) == ["face_analysis/models"]
     assert Path(folder_paths.models_dir, "emocast") in paths.roots()  # the default folder stays registered
 
