@@ -33,9 +33,12 @@ def test_bench_child_report_two_clips(tmp_path):
 
     s = bench.summarize(child)
     assert 0 < s["seconds_per_clip"]["min"] <= s["seconds_per_clip"]["median"]
-    assert s["peak_rss_gb"] >= s["rss_built_gb"] > s["net_gb"] > 0 and len(s["rss_after_clip_gb"]) == 2
+    # High-water marks may trail a later RSS reading by a few pages (the kernel syncs per-thread counters lazily).
+    assert s["peak_rss_gb"] >= s["rss_built_gb"] - 1e-3 and s["rss_built_gb"] > s["net_gb"] > 0
+    assert len(s["rss_after_clip_gb"]) == 2
     if s["peak_rss_inference_gb"] is not None:  # Linux lets a process restart its RSS high-water mark
-        assert s["peak_rss_inference_gb"] >= max(s["rss_after_clip_gb"]) > s["net_gb"]
+        rss = max(s["rss_after_clip_gb"])
+        assert s["peak_rss_inference_gb"] >= rss - 1e-3 and rss > s["net_gb"]
     assert "speedup_vs_reference" not in s  # 2 steps: not the reference's run
     text = bench.table([child | {"summary": s}])
     assert "tiny" in text and "x2: s/clip" in text
