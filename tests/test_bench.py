@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from emocast_lib import bench
+from emocast_lib.checkpoint import load_net
+from emocast_lib.tiny import TINY_NET, TINY_SEED, filled_net
 
 STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", "audio_proj", "image_proj", "face_locator",
           "prepare")
@@ -40,8 +45,40 @@ def test_bench_child_report_two_clips(tmp_path):
         rss = max(s["rss_after_clip_gb"])
         assert s["peak_rss_inference_gb"] >= rss - 1e-3 and rss > s["net_gb"]
     assert "speedup_vs_reference" not in s  # 2 steps: not the reference's run
+    # The floor: this run's FLOPs per clip (the first clip runs the source's reference rows, the second
+    # its motion frames, so they differ) at the GEMM rate measured in the same process.
+    assert len(s["gflop_by_clip"]) == 2 and all(g > 0 for g in s["gflop_by_clip"])
+    assert s["gflop_by_clip"][0] != s["gflop_by_clip"][1]
+    assert all(rate["wall"] > 0 and rate["cpu"] > 0 for rate in s["gemm_gflops"].values())
+    assert s["floor_seconds_by_clip"][0] == pytest.approx(s["gflop_by_clip"][0] / s["gemm_gflops"]["large"]["wall"])
+    assert len(s["best_seconds_by_clip"]) == 2 and s["mean_best_seconds_per_clip"] > 0
     text = bench.table([child | {"summary": s}])
-    assert "tiny" in text and "x2: s/clip" in text
+    assert "tiny" in text and "x2 1 thr: s/clip" in text and "floor per clip" in text
+
+
+def test_bench_loads_a_written_checkpoint(tmp_path):
+    """--write-checkpoint streams a fill-rule network to a .safetensors that the library's loader reads
+    (the tiny sizes here; the released ones by default), and a child run measures that load."""
+    path = tmp_path / "net.safetensors"
+    bench.write_checkpoint(path, TINY_NET)
+    assert not list(tmp_path.glob(".*partial*"))
+    net = load_net(path)
+    filled = filled_net(TINY_NET, TINY_SEED).state_dict()
+    assert all(torch.equal(v, filled[k]) for k, v in net.state_dict().items())
+    out = tmp_path / "child.json"
+    bench.main(["--child", "--config", "tiny", "--runs", "1", "--steps", "1", "--checkpoint", str(path),
+                "--json", str(out)])
+    child = json.loads(out.read_text())
+    assert child["weights"] == f"{path} (load_net)" and child["build_s"] > 0
+
+
+def test_bench_thread_counts_and_scaling():
+    assert bench.parse_args(["--threads", "1,2"]).threads == [1, 2]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--threads", "two"])
+    runs = [{"config": {"name": "real64", "clips": 2}, "threads": t, "summary": {"mean_best_seconds_per_clip": s}}
+            for t, s in ((1, 6.0), (2, 3.2))]
+    assert bench.thread_scaling(runs) == {"real64 x2": {"2 vs 1": pytest.approx(6.0 / 3.2)}}
 
 
 def test_bench_config_selection():
