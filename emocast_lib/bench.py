@@ -1,4 +1,5 @@
-"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1,2]`.
+"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1,2]`;
+on a GPU: `python -m emocast_lib.bench --device cuda --dtype fp16 --config gpu512 [--steps 4]`.
 
 Models are built from the fixtures' fill rule (weights do not change the cost), or loaded from a
 checkpoint file (`--checkpoint`, e.g. one written by `--write-checkpoint`: the load and the first
@@ -14,7 +15,9 @@ The stages are timed inside the real `iter_clips`: it is handed stand-ins for th
 that pass everything through to the real modules and time each call (projections, face locator,
 reference UNet, `prepare`, every denoising-UNet call, VAE encode/decode). Whatever a clip costs
 outside those calls (guidance, scheduler, concatenations) is reported as `other`, so the stages
-always add up to the measured seconds per clip.
+always add up to the measured seconds per clip. On CUDA every timed call is synchronised at both ends,
+so the stages hold the GPU time of their kernels, and the peak VRAM is `torch.cuda.max_memory_allocated`
+after the model build (weights) and while generating.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -37,9 +41,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .checkpoint import CONFIG_KEY, NOTE_KEY, load_net, net_shapes
-from .config import REGIONS, SD_VAE, NetConfig, SamplingConfig
+from .config import PRECISIONS, REGIONS, SD_VAE, FaceLocatorConfig, NetConfig, SamplingConfig, UNetConfig
 from .fill import fill_tensor
 from .models import EmoCASTNet
 from .pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
@@ -65,6 +73,8 @@ CONFIGS = {
     "real64": BenchConfig("real64", "real", 64, 4, 2, clips=(2,)),
     "real256": BenchConfig("real256", "real", 256, 4, 2),
     "long": BenchConfig("long", "tiny", 128, 4, 3, clips=(1, 4, 16)),
+    # The released inference settings (512 px, 16-frame clips, 2 motion frames, 40 steps, CFG): for a GPU.
+    "gpu512": BenchConfig("gpu512", "real", 512, 16, 40),
 }
 # The released reference on this project's machine, 1 thread (fixtures/parity/README.md §8).
 REFERENCE = {
@@ -81,9 +91,11 @@ STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", *CONDI
 
 
 class Stopwatch:
-    """Wall and CPU seconds per stage name: totals, and the wall time of every call."""
+    """Wall and CPU seconds per stage name: totals, and the wall time of every call. `sync` (e.g.
+    `torch.cuda.synchronize`) runs at both ends of every call, so asynchronous device work is counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] = lambda: None) -> None:
+        self.sync = sync
         self.wall: dict[str, float] = defaultdict(float)
         self.cpu: dict[str, float] = defaultdict(float)
         self.calls: dict[str, list[float]] = defaultdict(list)
@@ -91,10 +103,12 @@ class Stopwatch:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.sync()
         w, c = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
+            self.sync()
             self.calls[name].append(time.perf_counter() - w)
             self.calls_cpu[name].append(time.process_time() - c)
             self.wall[name] += self.calls[name][-1]
@@ -181,7 +195,8 @@ def hwm_bytes() -> int | None:
 def machine_info() -> dict[str, Any]:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "mkldnn": torch.backends.mkldnn.is_available(), "load_average": os.getloadavg()}
+            "mkldnn": torch.backends.mkldnn.is_available(), "load_average": os.getloadavg(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def code_version() -> str | None:
@@ -198,17 +213,27 @@ def code_version() -> str | None:
 
 # ----------------------------------------------------------------------------------------------- models
 
-def build_models(model: str, checkpoint: Path | None = None) -> tuple[EmoCASTNet, Vae, str]:
-    """The network (fill rule, or `checkpoint` read by the library's loader) and a VAE of the model's kind."""
-    vae = diffusers_vae(filled_vae(TINY_VAE if model == "tiny" else SD_VAE, TINY_SEED))
+def build_models(model: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                 checkpoint: Path | None = None) -> tuple[EmoCASTNet, Vae, str]:
+    """The network and the VAE on `device` in `dtype`: fill-rule weights, or the network read from
+    `checkpoint` by the library's loader (a float32 .safetensors is memory-mapped on the CPU: its pages
+    are read, and counted in RSS, as they are used)."""
+    vae = diffusers_vae(filled_vae(TINY_VAE if model == "tiny" else SD_VAE, TINY_SEED).to(device, dtype))
     if checkpoint is not None:
-        # A float32 .safetensors is memory-mapped: its pages are read (and counted in RSS) as they are used.
-        return load_net(checkpoint), vae, f"{checkpoint} (load_net)"
+        return load_net(checkpoint, dtype=dtype, device=device), vae, f"{checkpoint} (load_net)"
     if model == "tiny":
-        return filled_net(TINY_NET, TINY_SEED), vae, "fill rule, seed 1001"
-    # The fill's temporaries leave ~0.8 GB of heap that generating then touches: the peak RSS of a
-    # network loaded from a file (--checkpoint) is the one users see.
-    return filled_net(NetConfig(), TINY_SEED), vae, "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE"
+        return filled_net(TINY_NET, TINY_SEED).to(device, dtype), vae, "fill rule, seed 1001"
+    # Filled one tensor at a time straight into `dtype` on `device`: the released network in fp32
+    # would need 10 GB of host memory first.
+    net = EmoCASTNet(NetConfig(), device="meta")
+    net.load_state_dict({k: fill_tensor(TINY_SEED, k, v.shape).to(device, dtype)
+                         for k, v in net.state_dict().items()}, assign=True)
+    return net.eval(), vae, "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE"
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """Waits for the device's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def write_checkpoint(path: Path, config: NetConfig, seed: int = TINY_SEED) -> None:
@@ -259,10 +284,11 @@ def make_inputs(cfg: NetConfig, size: int, frames: int, clips: int, seed: int = 
 
 # ----------------------------------------------------------------------------------------------- timing
 
-def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> list[dict[str, Any]]:
+def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig,
+               sync: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
     """The real generator, consumed and dropped clip by clip: per clip seconds (wall, CPU), seconds per
     stage, the denoising-UNet call of every step, and RSS after the clip."""
-    sw = Stopwatch()
+    sw = Stopwatch(sync)
     clips = []
     wall, cpu = time.perf_counter(), time.process_time()
     seen: dict[str, float] = {}
@@ -293,26 +319,30 @@ def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig)
 GEMM_SHAPES = {"large": (4096, 1024, 1024), "real64 32 rows": (32, 1280, 10240), "real64 8 rows": (8, 1280, 1280)}
 
 
-def gemm_rates(seconds: float = 1.0) -> dict[str, dict[str, float]]:
-    """This CPU's float32 GEMM rate (GFLOP/s, wall and CPU) at the current thread count, as the model's
-    linear layers compute: `F.linear(x, W)`. Small-row products cycle through 256 MB of weights, so that
-    each call reads its weight from memory as the network's deep layers do."""
+def gemm_rates(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+               seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """This machine's GEMM rate (GFLOP/s, wall and CPU) in `dtype` on `device` at the current thread
+    count, as the model's linear layers compute: `F.linear(x, W)`. Small-row products cycle through
+    256 MB of weights, so that each call reads its weight from memory as the network's deep layers do."""
+    sync = device_sync(device)
     out = {}
     for name, (m, k, n) in GEMM_SHAPES.items():
         count = 1 if m >= 1024 else max(2, 256_000_000 // (4 * k * n))
         g = torch.Generator().manual_seed(0)
-        weights = [torch.randn(n, k, generator=g) for _ in range(count)]
-        x = torch.randn(m, k, generator=g)
+        weights = [torch.randn(n, k, generator=g).to(device, dtype) for _ in range(count)]
+        x = torch.randn(m, k, generator=g).to(device, dtype)
         torch.nn.functional.linear(x, weights[0])
         best_wall, best_cpu, calls = float("inf"), float("inf"), 0
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline or calls < 3:
+            sync()
             w, c = time.perf_counter(), time.process_time()
             torch.nn.functional.linear(x, weights[calls % count])
+            sync()
             best_wall, best_cpu = min(best_wall, time.perf_counter() - w), min(best_cpu, time.process_time() - c)
             calls += 1
         flop = 2 * m * k * n
-        out[name] = {"wall": flop / best_wall / 1e9, "cpu": flop / best_cpu / 1e9}
+        out[name] = {"wall": flop / best_wall / 1e9, "cpu": flop / max(best_cpu, 1e-9) / 1e9}
     return out
 
 
@@ -373,56 +403,191 @@ def profile_call(fn: Callable[[], Any], top: int = 15) -> dict[str, Any]:
             "top_ops_by_shape": shaped[:top]}
 
 
-def profiles(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Any]:
-    """Profile the calls clip 0 of the real pipeline made, replayed with the arguments it used."""
+def clip0_calls(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Callable[[], Any]]:
+    """The network calls clip 0 of the real pipeline made, each replayable with the arguments it used, and
+    the VAE decode of one batch of frames."""
     capture: dict[str, tuple] = {}
     clip0 = iter_clips(timed_net(net, Stopwatch(), capture), vae, inp.portrait, inp.audio, inp.emotion, settings)
     next(clip0)
     clip0.close()
     h = inp.portrait.pixels.shape[-1] // 8
-    latents = torch.randn(settings.frames_per_clip, 4, h, h)
+    latents = torch.randn(min(settings.frames_per_clip, vae.decode_batch), 4, h, h)
 
     def replay(stage: str) -> Callable[[], Any]:
         fn, args, kwargs = capture[stage]
         return lambda: fn(*args, **kwargs)
 
+    size = inp.portrait.pixels.shape[-1]
+    pixels = torch.rand(1 + settings.motion_frames, 3, size, size) * 2 - 1  # the reference frames of a clip
+    return {"denoising_step": replay("denoising_unet"), "reference_unet": replay("reference_unet"),
+            "prepare": replay("prepare"), "vae_encode": lambda: vae.encode(pixels),
+            "vae_decode": lambda: decode_frames(vae, latents)}
+
+
+def profiles(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Any]:
+    """Profile the calls clip 0 of the real pipeline made, replayed with the arguments it used."""
+    calls = clip0_calls(net, vae, inp, settings)
     with torch.no_grad():
-        return {"denoising_step": profile_call(replay("denoising_unet")),
-                "reference_unet": profile_call(replay("reference_unet")),
-                "prepare": profile_call(replay("prepare")),
-                "vae_decode": profile_call(lambda: decode_frames(vae, latents))}
+        return {name: profile_call(fn) for name, fn in calls.items()}
+
+
+class TensorMemory(TorchDispatchMode):
+    """Bytes of the tensors the operations inside the mode allocate: live now, and the peak. A storage
+    counts from the operation that makes it until it is freed (views and in-place results add nothing),
+    so the figure is the call's own tensors whatever the allocator caches, on the CPU as on CUDA;
+    workspace that kernels take outside the dispatcher (e.g. cuDNN's) is not included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = WeakIdKeyDictionary()
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and id(storage) not in inputs and storage not in self.seen:
+                self.seen[storage] = True
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage.nbytes())
+        return out
+
+
+DATA_DEPENDENT = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                  torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default)
+
+
+class DataDependentRecord(TorchDispatchMode):
+    """The results of the operations whose output depends on values (`.item()`, `bool()`, `nonzero`), in
+    order, from a real run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: list[tuple[Any, Any]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in DATA_DEPENDENT:
+            self.answers.append((func, tuple(out.shape) if isinstance(out, torch.Tensor) else out))
+        return out
+
+
+class MetaRun(TorchDispatchMode):
+    """Runs on the meta device what needs values: the data-dependent operations get the answers a real run
+    of the same calls gave (`DataDependentRecord`), copies to the CPU come back uninitialised."""
+
+    def __init__(self, answers: list[tuple[Any, Any]]) -> None:
+        super().__init__()
+        self.answers = list(answers)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in DATA_DEPENDENT:
+            recorded, answer = self.answers.pop(0)
+            if recorded is not func:
+                raise RuntimeError(f"the meta run took another path than the recorded one: {func}, not {recorded}")
+            return torch.empty(answer, dtype=torch.long, device="meta") if isinstance(answer, tuple) else answer
+        if func is torch.ops.aten._to_copy.default and args[0].is_meta and kwargs.get("device") == torch.device("cpu"):
+            return torch.empty(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        return func(*args, **kwargs)
+
+
+class FusedAttention(TorchFunctionMode):
+    """Attention on the meta device as the fused kernel CUDA runs (flash / memory-efficient): only its output
+    is allocated, not the (L, L) weights of the math fallback that meta tensors would take."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
+            q, v = args[0], args[2]
+            return q.new_empty(*q.shape[:-1], v.shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def tensor_memory_meta(bc: BenchConfig, settings: SamplingConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """`tensor_memory` of the configuration's network on the meta device, where nothing is computed, at any
+    size. The values its data-dependent operations need come from a real run of the same calls at 64 px
+    (they depend on the frames and the structure of the inputs only); for the released network that run
+    takes the released layout at narrow widths."""
+    from diffusers import AutoencoderKL
+
+    config, vae_config = (TINY_NET, TINY_VAE) if bc.model == "tiny" else (NetConfig(), SD_VAE)
+    narrow = config if bc.model == "tiny" else NetConfig(
+        unet=replace(UNetConfig(), block_out_channels=(32, 64, 128, 128)),
+        face_locator=replace(FaceLocatorConfig(), out_channels=32))
+    record = DataDependentRecord()
+    with record:
+        tensor_memory(filled_net(narrow, TINY_SEED), diffusers_vae(filled_vae(vae_config, TINY_SEED)),
+                      make_inputs(narrow, 64, bc.frames, 1), settings)
+    net = EmoCASTNet(config, device="meta", dtype=dtype).eval()
+    with torch.device("meta"):
+        vae = diffusers_vae(AutoencoderKL(**vae_config).to(dtype))
+    with MetaRun(record.answers), FusedAttention():
+        return tensor_memory(net, vae, make_inputs(config, bc.size, bc.frames, 1), settings)
+
+
+def tensor_memory(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig) -> dict[str, Any]:
+    """Peak tensor bytes of each call of clip 0 (replayed under `TensorMemory`), and the bytes its result
+    keeps (the reference features, the clip context, the denoising output)."""
+    out: dict[str, Any] = {"weights": sum(p.numel() * p.element_size() for p in net.parameters()),
+                           "decode_batch": min(settings.frames_per_clip, vae.decode_batch)}
+    with torch.no_grad():
+        for name, fn in clip0_calls(net, vae, inp, settings).items():
+            with TensorMemory() as mem:
+                result = fn()
+            out[name] = {"peak": mem.peak, "kept": mem.live}
+            del result
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- child
 
-def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool,
-              checkpoint: Path | None = None) -> dict[str, Any]:
+def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool, device: str = "cpu",
+              dtype: str = "fp32", memory: bool = False, checkpoint: Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(threads)  # the benchmark's own process: the library never sets it
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
+    if dev.type == "meta":  # nothing runs there to be timed: tensor memory only
+        return {"config": asdict(bc) | {"clips": clips}, "threads": threads, "runs": [], "device": "meta",
+                "dtype": dtype, "fps": settings.fps, "motion_frames": settings.motion_frames,
+                "tensor_memory": tensor_memory_meta(bc, settings, PRECISIONS[dtype])}
     rss_start = rss_bytes()
     t0 = time.perf_counter()
-    net, vae, weights = build_models(bc.model, checkpoint)
+    net, vae, weights = build_models(bc.model, dev, PRECISIONS[dtype], checkpoint)
     build = time.perf_counter() - t0
     rss_built = rss_bytes()
-    settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
     inp = make_inputs(net.config, bc.size, bc.frames, clips)
     build_peak = peak_rss_bytes()
     hwm_reset = reset_peak_rss()
+    if cuda:
+        vram_built = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     done = []
     for r in range(runs):
-        done.append(time_clips(net, vae, inp, settings))
+        done.append(time_clips(net, vae, inp, settings, device_sync(dev)))
         print(f"[bench] {bc.name} x{clips} run {r + 1}/{runs}: {[round(c['total'], 2) for c in done[-1]]} s/clip",
               file=sys.stderr, flush=True)
+    net_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     out = {"config": asdict(bc) | {"clips": clips}, "threads": torch.get_num_threads(), "runs": done,
-           "weights": weights, "build_s": build,
-           "net_bytes": sum(p.numel() * p.element_size() for p in net.parameters()),
+           "weights": weights, "build_s": build, "net_bytes": net_bytes,
            "rss_start": rss_start, "rss_built": rss_built, "peak_rss": peak_rss_bytes(), "peak_rss_build": build_peak,
-           "peak_rss_inference": hwm_bytes() if hwm_reset else None,
-           "load_average_child": os.getloadavg()}
+           "peak_rss_inference": hwm_bytes() if hwm_reset else None, "device": str(dev), "dtype": dtype,
+           "fps": settings.fps, "motion_frames": settings.motion_frames, "load_average_child": os.getloadavg()}
+    if cuda:
+        out |= {"gpu": torch.cuda.get_device_name(dev), "vram_built": vram_built,
+                "peak_vram": torch.cuda.max_memory_allocated(dev)}
     # After the peak-RSS reading: neither the counter nor the GEMM operands belong to the pipeline.
     out["flops_per_clip"] = count_flops(net, vae, inp, settings, min(clips, 2))
-    out["gemm_gflops"] = gemm_rates()
+    out["gemm_gflops"] = gemm_rates(dev, PRECISIONS[dtype])
     if profile:
         out["profile"] = profiles(net, vae, inp, settings)
+    if memory:
+        out["tensor_memory"] = tensor_memory(net, vae, inp, settings)
     return out
 
 
@@ -450,6 +615,10 @@ def summarize(child: dict[str, Any]) -> dict[str, Any]:
          "peak_rss_inference_gb": child["peak_rss_inference"] / GB if child.get("peak_rss_inference") else None,
          "rss_start_gb": (child["rss_start"] or 0) / GB, "rss_built_gb": (child["rss_built"] or 0) / GB,
          "build_s": child["build_s"],
+         # A clip shows frames / fps seconds of video.
+         "seconds_per_video_second": _mm([c["total"] * child["fps"] / c["frames"] for c in clips]),
+         "vram_built_gb": child["vram_built"] / GB if "vram_built" in child else None,
+         "peak_vram_gb": child["peak_vram"] / GB if "peak_vram" in child else None,
          "per_clip_seconds_last_run": [c["total"] for c in child["runs"][-1]],
          "rss_after_clip_gb": [c["rss"] / GB for c in child["runs"][-1] if c["rss"] is not None]}
     rate = child["gemm_gflops"]["large"]["wall"] * 1e9
@@ -460,8 +629,8 @@ def summarize(child: dict[str, Any]) -> dict[str, Any]:
     if name in ISSUE_GFLOP:
         s["floor_seconds_issue"] = ISSUE_GFLOP[name] * 1e9 / rate
     same_run = {k: v for k, v in child["config"].items() if k != "clips"} == {
-        k: v for k, v in asdict(CONFIGS[name]).items() if k != "clips"}
-    if name in REFERENCE and child["threads"] == 1 and same_run:
+        k: v for k, v in asdict(CONFIGS[name]).items() if k != "clips"} and child["threads"] == 1
+    if name in REFERENCE and same_run and (child["device"], child["dtype"]) == ("cpu", "fp32"):
         # The reference costs the same for every clip; ours: the mean of a run's clips (each at its best run).
         s["reference"] = REFERENCE[name]
         s["speedup_vs_reference"] = REFERENCE[name]["s_per_clip"] / s["mean_best_seconds_per_clip"]
@@ -483,10 +652,11 @@ def thread_scaling(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    cols = [("config", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"), ("thr", 4, "d"),
-            ("time", 5, "s"), ("s/clip", 8, ".3f"), ("refUNet", 8, ".3f"), ("step", 7, ".3f"), ("steps", 7, ".3f"),
-            ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"), ("other", 7, ".3f"), ("peakGB", 7, ".2f"),
-            ("infGB", 6, ".2f"), ("netGB", 6, ".2f"), ("vs ref", 7, "s")]
+    cols = [("config", 10, "s"), ("on", 10, "s"), ("px", 5, "d"), ("f", 3, "d"), ("st", 3, "d"), ("clips", 6, "d"),
+            ("thr", 4, "d"), ("time", 5, "s"), ("s/clip", 8, ".3f"), ("s/vsec", 8, ".3f"), ("refUNet", 8, ".3f"),
+            ("step", 7, ".3f"), ("steps", 7, ".3f"), ("VAEenc", 7, ".3f"), ("VAEdec", 7, ".3f"), ("cond", 7, ".3f"),
+            ("other", 7, ".3f"), ("peakGB", 7, ".2f"), ("infGB", 6, ".2f"), ("netGB", 6, ".2f"), ("VRAM", 6, ".2f"),
+            ("vs ref", 7, "s")]
     lines = ["".join(f"{n:>{w}}" if i else f"{n:<{w}}" for i, (n, w, _) in enumerate(cols))]
     lines.append("-" * len(lines[0]))
     for r in results:
@@ -496,17 +666,21 @@ def table(results: list[dict[str, Any]]) -> str:
             st = {k: v[stat] for k, v in s[stages].items()}
             ratio = f"{s['speedup_vs_reference']:.2f}x" if kind == "wall" and "speedup_vs_reference" in s else ""
             seconds = s["mean_best_seconds_per_clip"] if kind == "wall" else s[per_clip][stat]
-            row = [c["name"], c["size"], c["frames"], c["steps"], c["clips"], r["threads"], kind, seconds,
-                   st["reference_unet"], s[step][stat], st["denoising_unet"], st["vae_encode"], st["vae_decode"],
-                   st["conditioning"], st["other"], s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"),
-                   s["net_gb"], ratio]
+            per_vsec = seconds * r["fps"] / c["frames"]
+            row = [c["name"], f"{r['device']} {r['dtype']}", c["size"], c["frames"], c["steps"], c["clips"],
+                   r["threads"], kind, seconds, per_vsec, st["reference_unet"], s[step][stat],
+                   st["denoising_unet"], st["vae_encode"], st["vae_decode"], st["conditioning"], st["other"],
+                   s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"), s["net_gb"],
+                   s["peak_vram_gb"] or float("nan"), ratio]
             lines.append("".join(f"{v:{'<' if i == 0 else '>'}{w}{fmt}}"
                                  for i, (v, (_, w, fmt)) in enumerate(zip(row, cols))))
     lines.append("(wall: s/clip is the mean over a run's clips of each clip's best run, stages and step the min over "
                  "clips and runs; cpu: median process CPU seconds. Stages are per clip, `step` is one "
                  "denoising-UNet call, `cond` = audio/image projections + face locator + prepare, `other` = the rest "
-                 "of the clip: guidance, scheduler, glue. peakGB: process peak RSS (build included); infGB: peak RSS "
-                 "while generating (high-water mark reset after the build); netGB: the network's weights)")
+                 "of the clip: guidance, scheduler, glue. s/vsec: seconds per second of video (frames / fps per "
+                 "clip). peakGB: process peak RSS (build included); infGB: peak RSS while generating (high-water "
+                 "mark reset after the build); netGB: the network's weights; VRAM: torch.cuda.max_memory_allocated "
+                 "while generating, weights included)")
     for r in results:
         s, label = r["summary"], f"{r['config']['name']} x{r['config']['clips']} {r['threads']} thr"
         if r["config"]["clips"] > 1:
@@ -523,6 +697,20 @@ def table(results: list[dict[str, Any]]) -> str:
     for key, ratios in thread_scaling(results).items():
         lines.append(f"{key} thread scaling (same invocation): "
                      + ", ".join(f"{k} threads {v:.2f}x" for k, v in ratios.items()))
+    return "\n".join(lines)
+
+
+def memory_table(results: list[dict[str, Any]]) -> str:
+    lines = ["\nTensor memory of clip 0's calls (GB; peak: the call's own tensors at their largest; kept: its result)"]
+    for r in results:
+        m, c = r["tensor_memory"], r["config"]
+        lines.append(f"  {c['name']} on {r['device']} {r['dtype']}, {c['size']} px, {c['frames']} frames + "
+                     f"{r['motion_frames']} motion frames: weights {m['weights'] / GB:.2f}")
+        for name, what in (("vae_encode", f"VAE encode of {1 + r['motion_frames']} reference frames"),
+                           ("reference_unet", "reference UNet (reference features kept)"),
+                           ("prepare", "prepare (clip context kept)"), ("denoising_step", "one denoising call"),
+                           ("vae_decode", f"VAE decode of {m['decode_batch']} frames")):
+            lines.append(f"    {what:<42} peak {m[name]['peak'] / GB:7.3f}   kept {m[name]['kept'] / GB:7.3f}")
     return "\n".join(lines)
 
 
@@ -563,12 +751,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "instead of building it by the fill rule: loading and first use of the weights are measured")
     p.add_argument("--write-checkpoint", type=Path, metavar="PATH",
                    help="write the fill rule's released-width network to PATH (float32 .safetensors, 10 GB) and exit")
+    p.add_argument("--device", default="cpu",
+                   help="where the models run: cpu (default), cuda or cuda:N; meta: count --tensor-memory only, "
+                        "at any size, without computing")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
+                   help="precision of the network and the VAE (default fp32)")
     p.add_argument("--steps", type=int, help="override the denoising steps of every configuration")
     p.add_argument("--frames", type=int, help="override the frames per clip")
     p.add_argument("--size", type=int, help="override the pixel size (multiple of 64)")
     p.add_argument("--clips", help="override the clip counts of `long`, comma-separated (e.g. 1,4,16)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one denoising step, reference pass, prepare and VAE decode (torch.profiler)")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="also measure the peak tensor bytes of each call of clip 0 (with --runs 0: only that)")
     p.add_argument("--json", type=Path, default=Path("bench_results.json"), help="where to write the results")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-clips", type=int, default=1, help=argparse.SUPPRESS)
@@ -581,6 +776,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--threads {args.threads}: give thread counts such as 1 or 1,2")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file (write one with --write-checkpoint PATH)")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N")
+    if args.device == "meta" and not args.tensor_memory:
+        p.error("--device meta computes nothing and only counts tensor memory: add --tensor-memory")
     return args
 
 
@@ -597,14 +798,14 @@ def spawn(name: str, clips: int, threads: int, args: argparse.Namespace) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, "-m", "emocast_lib.bench", "--child", "--config", name, "--child-clips", str(clips),
-               "--runs", str(args.runs), "--threads", str(threads), "--json", str(out)]
+               "--runs", str(args.runs), "--threads", str(threads), "--device", args.device, "--dtype",
+               args.dtype, "--json", str(out)]
         for flag in ("steps", "frames", "size"):
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag}", str(getattr(args, flag))]
         if args.checkpoint is not None and CONFIGS[name].model == "real":
             cmd += ["--checkpoint", str(args.checkpoint.resolve())]
-        if args.profile:
-            cmd.append("--profile")
+        cmd += ["--profile"] * args.profile + ["--tensor-memory"] * args.tensor_memory
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
         load_before = os.getloadavg()
@@ -623,28 +824,38 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.write_checkpoint}: the fill rule's released-width network (a benchmark stand-in)")
         return
     names = _configs(args.config or ["tiny"])
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA GPU; run the GPU "
+              "benchmark on a machine with an NVIDIA GPU and a CUDA build of PyTorch, or use --device cpu",
+              file=sys.stderr)
+        raise SystemExit(2)
     if args.child:
         bc = resolve(names[0], args)
         args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads[0], args.profile,
-                                                  args.checkpoint)))
+                                                  args.device, args.dtype, args.tensor_memory, args.checkpoint)))
         return
     results = []
     for name in names:
         for clips in resolve(name, args).clips:
             for threads in args.threads:
                 child = spawn(name, clips, threads, args)
-                child["summary"] = summarize(child)
+                child["summary"] = summarize(child) if child["runs"] else None
                 results.append(child)
-    report = {"machine": machine_info() | {"threads": args.threads}, "code": code_version(), "command": sys.argv,
-              "results": results, "thread_scaling": thread_scaling(results)}
+    report = {"machine": machine_info() | {"threads": args.threads, "device": args.device, "dtype": args.dtype},
+              "code": code_version(), "command": sys.argv, "results": results,
+              "thread_scaling": thread_scaling([r for r in results if r["summary"]])}
     args.json.write_text(json.dumps(report, indent=1))
-    print(table(results))
+    if any(r["summary"] for r in results):
+        print(table([r for r in results if r["summary"]]))
     if args.profile:
         print(profile_table(results))
+    if args.tensor_memory:
+        print(memory_table(results))
     load = ", ".join(f"{x:.1f}" for x in report["machine"]["load_average"])
+    gpu = f", GPU {report['machine']['gpu']}" if torch.device(args.device).type == "cuda" else ""
     threads = ",".join(map(str, args.threads))
-    print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs, torch {torch.__version__}, {threads} "
-          f"thread(s), load average {load} (wall times are inflated when it exceeds the threads); "
+    print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs{gpu}, torch {torch.__version__}, "
+          f"{threads} thread(s), load average {load} (wall times are inflated when it exceeds the threads); "
           f"results in {args.json}")
 
 

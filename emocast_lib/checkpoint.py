@@ -42,7 +42,7 @@ FOREIGN = (
      "put it in models/text_encoders instead"),
     (r"lora_(up|down|A|B)\b|\.lora\.", "a LoRA", "put it in models/loras instead"),
     (r"^(wav2vec2\.|feature_extractor\.conv_layers\.)", "a wav2vec2 audio encoder",
-     "it belongs (with its config.json) in models/emocast/wav2vec/<model folder>"),
+     "put it in models/audio_encoders instead (Load Audio Encoder reads it there)"),
     (r"^(control_model\.|controlnet_)", "a ControlNet", "put it in models/controlnet instead"),
     (r"^(down_blocks|mid_block|up_blocks|conv_in)\.", "a bare UNet or motion-module file",
      "EmoCAST does not use one (net.pth holds both of its UNets)"),

@@ -86,3 +86,66 @@ def test_bench_config_selection():
     assert bench._configs(args.config) == ["tiny", "long", "real64"]
     assert bench.resolve("long", args).clips == (1, 3) and bench.resolve("tiny", args).clips == (1,)
     assert bench.resolve("real64", args).steps == 5 and bench.resolve("real64", args).size == 64
+
+
+def test_bench_low_precision_path_on_cpu(tmp_path):
+    """The code path of `--device cuda --dtype fp16 --config gpu512`, exercised on the CPU in bf16 with the
+    tiny configuration: models built in the dtype on the device, seconds per video-second reported."""
+    out = tmp_path / "child.json"
+    bench.main(["--child", "--config", "tiny", "--device", "cpu", "--dtype", "bf16", "--runs", "1", "--steps", "1",
+                "--json", str(out)])
+    child = json.loads(out.read_text())
+    assert (child["device"], child["dtype"], child["fps"], child["motion_frames"]) == ("cpu", "bf16", 25, 2)
+    assert "peak_vram" not in child  # CPU run: no VRAM figure
+    fp32_bytes = sum(p.numel() * 4 for p in bench.build_models("tiny")[0].parameters())
+    assert child["net_bytes"] == fp32_bytes // 2
+    s = bench.summarize(child)
+    (clip,) = child["runs"][0]
+    assert s["seconds_per_video_second"]["min"] == pytest.approx(clip["total"] * 25 / 4)
+    assert s["peak_vram_gb"] is None and "speedup_vs_reference" not in s
+    assert "cpu bf16" in bench.table([child | {"summary": s}])
+
+
+def test_bench_gpu512_is_the_released_setting():
+    args = bench.parse_args(["--config", "gpu512", "--device", "cuda", "--dtype", "fp16"])
+    bc = bench.resolve("gpu512", args)
+    assert (bc.model, bc.size, bc.frames, bc.steps) == ("real", 512, 16, 40)
+    assert bench.resolve("gpu512", bench.parse_args(["--config", "gpu512", "--steps", "4"])).steps == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_cuda_without_a_gpu_exits_with_one_message(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--device", "cuda", "--dtype", "fp16", "--config", "gpu512", "--json", str(tmp_path / "r.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--device cuda" in err and "no CUDA GPU" in err and "--device cpu" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_tensor_memory_counts_allocations_not_views():
+    with bench.TensorMemory() as mem:
+        a = torch.ones(1000)  # 4000 bytes
+        view = a[10:]  # shares a's storage: nothing new
+        b = a * 2  # 4000 more: the peak
+        del b
+        c = torch.empty(250)  # 1000
+    assert (mem.peak, mem.live) == (8000, 5000)
+    del a, view, c
+    assert mem.live == 0  # counted down as storages are freed, also after the mode
+
+
+def test_tensor_memory_on_meta_equals_the_real_run():
+    """`--device meta --tensor-memory` counts what a real run allocates: the tiny configuration's calls,
+    counted for real on the CPU and on the meta device (which computes nothing), agree exactly for the
+    network; the VAE's attention is counted as a fused kernel there, slightly above the CPU's kernel."""
+    bc = bench.resolve("tiny", bench.parse_args(["--steps", "1"]))
+    real = bench.run_child(bc, 1, 0, 1, False, "cpu", "fp32", memory=True)["tensor_memory"]
+    meta = bench.run_child(bc, 1, 0, 1, False, "meta", "fp32", memory=True)["tensor_memory"]
+    for call in ("reference_unet", "prepare", "denoising_step"):
+        assert meta[call] == real[call] and real[call]["peak"] > 0, call
+    for call in ("vae_encode", "vae_decode"):
+        assert real[call]["peak"] <= meta[call]["peak"] <= 1.05 * real[call]["peak"], call
+    # One denoising call keeps its output only: (2, 4, frames, 16, 16) fp32.
+    assert real["denoising_step"]["kept"] == 2 * 4 * bc.frames * 16 * 16 * 4
+    assert meta["weights"] == real["weights"] > 0

@@ -220,10 +220,13 @@ def aux_keys(parity_dir: Path, module: str, prefix: str = "") -> dict[str, torch
     ("sd", "Stable Diffusion checkpoint, not EmoCAST's net.pth; put it in models/checkpoints"),
     ("vae", "VAE, not EmoCAST's net.pth; put it in models/vae"),
     ("clip", "CLIP text encoder, not EmoCAST's net.pth; put it in models/text_encoders"),
+    ("wav2vec2", "wav2vec2 audio encoder, not EmoCAST's net.pth; put it in models/audio_encoders"),
 ])
 def test_check_recognises_foreign_checkpoints(parity_dir, real_shapes, kind, folder):
     vae, clip = aux_keys(parity_dir, "vae"), aux_keys(parity_dir, "text_encoder")
-    sd = {"vae": vae, "clip": clip, "sd": {
+    wav2vec2 = {"feature_extractor.conv_layers.0.conv.weight": torch.empty(512, 1, 10, device="meta"),
+                "encoder.layers.0.attention.q_proj.weight": torch.empty(768, 768, device="meta")}
+    sd = {"vae": vae, "clip": clip, "wav2vec2": wav2vec2, "sd": {
         "model.diffusion_model.input_blocks.0.0.weight": torch.empty(320, 4, 3, 3, device="meta"),
         **{f"first_stage_model.{k}": v for k, v in vae.items()},
         **{f"cond_stage_model.transformer.{k}": v for k, v in clip.items()}}}[kind]

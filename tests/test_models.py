@@ -7,12 +7,12 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_run import run_tiny
 from torch import nn
 
-from emocast_lib.config import REGIONS, SamplingConfig
 from emocast_lib.models import EmoCASTNet
 from emocast_lib.models.blocks import conv2d
-from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, iter_clips
+from emocast_lib.pipeline import diffusers_vae
 from emocast_lib.tiny import TINY_NET, filled_net, filled_vae
 
 
@@ -71,28 +71,6 @@ class FakeComfyManualCast:
             return F.layer_norm(x, self.normalized_shape, *self.cast(x), self.eps)
 
 
-def _tiny_inputs(size: int, frames: int, clips: int) -> tuple[Portrait, AudioWindows, Emotion]:
-    g = torch.Generator().manual_seed(0)
-    unet, audio = TINY_NET.unet, TINY_NET.audio_proj
-    sides = [size // 8 >> level for level in range(len(unet.block_out_channels))]
-    portrait = Portrait(pixels=torch.rand(3, size, size, generator=g) * 2 - 1,
-                        identity=torch.randn(TINY_NET.image_proj.embedding_dim, generator=g),
-                        face_region=torch.rand(3, size, size, generator=g),
-                        masks={r: [torch.rand(s * s, generator=g) for s in sides] for r in REGIONS})
-    windows = torch.randn(frames * clips, audio.window, audio.layers, audio.channels, generator=g)
-    d = unet.cross_attention_dim
-    emotion = Emotion(torch.randn(1, 77, d, generator=g), torch.randn(1, 77, d, generator=g))
-    return portrait, AudioWindows(windows, frames * clips), emotion
-
-
-def _run(net: EmoCASTNet, **compute) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two clips of the tiny pipeline at 64 px: the latent grids reach 1x1, so every fast path runs."""
-    settings = SamplingConfig(steps=2, frames_per_clip=4, motion_frames=2)
-    portrait, audio, emotion = _tiny_inputs(64, settings.frames_per_clip, 2)
-    clips = list(iter_clips(net, diffusers_vae(filled_vae()), portrait, audio, emotion, settings, **compute))
-    return torch.cat([c.latents for c in clips], dim=2), torch.cat([c.frames for c in clips])
-
-
 @pytest.mark.parametrize("dtype,tol", [
     # fp64: the two runs agree below fp32's resolution, so any wrong weight or order of regions shows.
     (torch.float64, 1e-6),
@@ -119,7 +97,8 @@ def test_casting_operations_compute_what_the_plain_network_computes(dtype: torch
             if getattr(layer, name) is not None:
                 setattr(layer, name, nn.Parameter(getattr(layer, name).to("meta"), requires_grad=False))
 
-    expected_latents, expected_frames = _run(plain.eval())
-    latents, frames = _run(cast.eval(), device="cpu", dtype=dtype)
+    vae = diffusers_vae(filled_vae())
+    expected_latents, expected_frames = run_tiny(plain.eval(), vae)
+    latents, frames = run_tiny(cast.eval(), vae, device="cpu", dtype=dtype)
     torch.testing.assert_close(latents, expected_latents, rtol=tol, atol=tol)
     torch.testing.assert_close(frames, expected_frames, rtol=tol, atol=tol)
