@@ -163,8 +163,7 @@ class ReferenceBank:
             self.source = self.net.reference_unet(self.latent.expand(2, -1, -1, -1), context)
             self.context = context
         if motion is None:
-            index = torch.tensor([c for _, c in self.rows], device=self.latent.device)
-            return {k: v.index_select(0, index) for k, v in self.source.items()}
+            return {k: _rows(v, [c for _, c in self.rows]) for k, v in self.source.items()}
         # The motion rows, each (frame, context) pair once, alternating contexts as the UNet pairs rows
         # (a side with fewer pairs is padded with a spare row, dropped after).
         pairs = sorted({r for r in self.rows if r[0] > 0})
@@ -173,10 +172,14 @@ class ReferenceBank:
         sides = [side + [pairs[0][0]] * (n - len(side)) for side in sides]
         order = [(side[k], ctx) for k in range(n) for ctx, side in enumerate(sides)]
         latents = (self.vae.encode(motion) * self.scale).to(self.latent)
-        rows = torch.tensor([j - 1 for j, _ in order], device=latents.device)
-        out = self.net.reference_unet(latents.index_select(0, rows), context)
-        index = torch.tensor([c if j == 0 else 2 + order.index((j, c)) for j, c in self.rows], device=latents.device)
-        return {k: torch.cat([self.source[k], v]).index_select(0, index) for k, v in out.items()}
+        out = self.net.reference_unet(_rows(latents, [j - 1 for j, _ in order]), context)
+        index = [c if j == 0 else 2 + order.index((j, c)) for j, c in self.rows]
+        return {k: _rows(torch.cat([self.source[k], v]), index) for k, v in out.items()}
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t[index] for a short list of rows, without an index tensor (none is made on another device)."""
+    return torch.stack([t[i] for i in index])
 
 
 def _collapse(context: torch.Tensor, f: int) -> torch.Tensor:
