@@ -51,6 +51,7 @@ from .config import PRECISIONS, REGIONS, SD_VAE, FaceLocatorConfig, NetConfig, S
 from .fill import fill_tensor
 from .models import EmoCASTNet
 from .pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
+from .sampling import SCHEDULERS, check_settings
 from .tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 
 GB = 1e9
@@ -64,6 +65,19 @@ class BenchConfig:
     frames: int
     steps: int
     clips: tuple[int, ...] = (1,)
+    # The experimental sampling levers (SamplingConfig), released settings by default.
+    scheduler: str = "ddim"
+    cfg_end: float = 1.0
+    cache_interval: int = 1
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(steps=self.steps, frames_per_clip=self.frames, motion_scale=MOTION_SCALE,
+                              scheduler=self.scheduler, cfg_end=self.cfg_end, cache_interval=self.cache_interval)
+
+    def levers(self) -> str:
+        """The levers that differ from the released sampler, e.g. "cfg_end 0.5", or ""."""
+        return ", ".join(f"{k} {getattr(self, k)}" for k in ("scheduler", "cfg_end", "cache_interval")
+                         if getattr(self, k) != getattr(BenchConfig, k))
 
 
 CONFIGS = {
@@ -551,7 +565,7 @@ def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: boo
     torch.set_num_threads(threads)  # the benchmark's own process: the library never sets it
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
+    settings = bc.sampling()
     if dev.type == "meta":  # nothing runs there to be timed: tensor memory only
         return {"config": asdict(bc) | {"clips": clips}, "threads": threads, "runs": [], "device": "meta",
                 "dtype": dtype, "fps": settings.fps, "motion_frames": settings.motion_frames,
@@ -682,7 +696,9 @@ def table(results: list[dict[str, Any]]) -> str:
                  "mark reset after the build); netGB: the network's weights; VRAM: torch.cuda.max_memory_allocated "
                  "while generating, weights included)")
     for r in results:
+        levers = BenchConfig(**{**r["config"], "clips": tuple(CONFIGS[r["config"]["name"]].clips)}).levers()
         s, label = r["summary"], f"{r['config']['name']} x{r['config']['clips']} {r['threads']} thr"
+        label += f" [{levers}]" if levers else ""
         if r["config"]["clips"] > 1:
             lines.append(f"{label}: s/clip, each clip's best run: "
                          + " ".join(f"{t:.2f}" for t in s["best_seconds_by_clip"]) + "; CPU s: "
@@ -757,6 +773,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
                    help="precision of the network and the VAE (default fp32)")
     p.add_argument("--steps", type=int, help="override the denoising steps of every configuration")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="experimental lever: the sampler (default ddim, released)")
+    p.add_argument("--cfg-end", type=float, help="experimental lever: guidance for this fraction of the steps only")
+    p.add_argument("--cache-interval", type=int,
+                   help="experimental lever: a full UNet pass every N steps, shallow passes in between (DeepCache)")
     p.add_argument("--frames", type=int, help="override the frames per clip")
     p.add_argument("--size", type=int, help="override the pixel size (multiple of 64)")
     p.add_argument("--clips", help="override the clip counts of `long`, comma-separated (e.g. 1,4,16)")
@@ -774,6 +794,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.threads = [int(t) for t in str(args.threads).split(",")]
     except ValueError:
         p.error(f"--threads {args.threads}: give thread counts such as 1 or 1,2")
+    try:
+        check_settings(SamplingConfig(**{k: getattr(args, k) for k in ("scheduler", "cfg_end", "cache_interval")
+                                         if getattr(args, k) is not None}))
+    except ValueError as e:
+        p.error(str(e))
     if args.checkpoint is not None and not args.checkpoint.is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file (write one with --write-checkpoint PATH)")
     try:
@@ -785,9 +810,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# BenchConfig fields the command line can set.
+LEVERS = ("steps", "frames", "size", "scheduler", "cfg_end", "cache_interval")
+
+
 def resolve(name: str, args: argparse.Namespace) -> BenchConfig:
     bc = CONFIGS[name]
-    over = {k: v for k, v in (("steps", args.steps), ("frames", args.frames), ("size", args.size)) if v is not None}
+    over = {k: getattr(args, k) for k in LEVERS if getattr(args, k) is not None}
     if args.clips and bc.clips != (1,):
         over["clips"] = tuple(int(c) for c in args.clips.split(","))
     return replace(bc, **over)
@@ -800,9 +829,9 @@ def spawn(name: str, clips: int, threads: int, args: argparse.Namespace) -> dict
         cmd = [sys.executable, "-m", "emocast_lib.bench", "--child", "--config", name, "--child-clips", str(clips),
                "--runs", str(args.runs), "--threads", str(threads), "--device", args.device, "--dtype",
                args.dtype, "--json", str(out)]
-        for flag in ("steps", "frames", "size"):
+        for flag in LEVERS:
             if getattr(args, flag) is not None:
-                cmd += [f"--{flag}", str(getattr(args, flag))]
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.checkpoint is not None and CONFIGS[name].model == "real":
             cmd += ["--checkpoint", str(args.checkpoint.resolve())]
         cmd += ["--profile"] * args.profile + ["--tensor-memory"] * args.tensor_memory

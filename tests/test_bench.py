@@ -20,7 +20,8 @@ def test_bench_child_report_two_clips(tmp_path):
     out = tmp_path / "child.json"
     bench.main(["--child", "--config", "tiny", "--child-clips", "2", "--runs", "1", "--steps", "2", "--json", str(out)])
     child = json.loads(out.read_text())
-    assert child["config"] == {"name": "tiny", "model": "tiny", "size": 128, "frames": 4, "steps": 2, "clips": 2}
+    assert child["config"] == {"name": "tiny", "model": "tiny", "size": 128, "frames": 4, "steps": 2, "clips": 2,
+                               "scheduler": "ddim", "cfg_end": 1.0, "cache_interval": 1}
     assert child["threads"] == 1
 
     (run,) = child["runs"]
@@ -79,6 +80,22 @@ def test_bench_thread_counts_and_scaling():
     runs = [{"config": {"name": "real64", "clips": 2}, "threads": t, "summary": {"mean_best_seconds_per_clip": s}}
             for t, s in ((1, 6.0), (2, 3.2))]
     assert bench.thread_scaling(runs) == {"real64 x2": {"2 vs 1": pytest.approx(6.0 / 3.2)}}
+
+
+def test_bench_levers_reach_the_sampler(tmp_path):
+    """The experimental levers on the command line: checked before any work, handed to the child's sampler
+    (what each does is tested in test_levers.py), kept out of the reference comparison, labelled."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cfg-end", "2"])
+    args = bench.parse_args(["--config", "tiny", "--cfg-end", "0.5", "--cache-interval", "2", "--steps", "2"])
+    bc = bench.resolve("tiny", args)
+    assert (bc.cfg_end, bc.cache_interval, bc.levers()) == (0.5, 2, "cfg_end 0.5, cache_interval 2")
+    out = tmp_path / "child.json"
+    bench.main(["--child", "--config", "tiny", "--runs", "1", "--steps", "2", "--cfg-end", "0.5", "--json", str(out)])
+    child = json.loads(out.read_text())
+    assert child["config"]["cfg_end"] == 0.5 and len(child["runs"][0][0]["steps"]) == 2
+    s = bench.summarize(child)
+    assert "speedup_vs_reference" not in s and "[cfg_end 0.5]" in bench.table([child | {"summary": s}])
 
 
 def test_bench_config_selection():
