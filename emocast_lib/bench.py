@@ -232,7 +232,10 @@ def build_models(model: str, device: torch.device = torch.device("cpu"), dtype: 
     """The network and the VAE on `device` in `dtype`: fill-rule weights, or the network read from
     `checkpoint` by the library's loader (a float32 .safetensors is memory-mapped on the CPU: its pages
     are read, and counted in RSS, as they are used)."""
-    vae = diffusers_vae(filled_vae(TINY_VAE if model == "tiny" else SD_VAE, TINY_SEED).to(device, dtype))
+    vae = filled_vae(TINY_VAE if model == "tiny" else SD_VAE, TINY_SEED)
+    with warnings.catch_warnings():  # diffusers suggests from_pretrained(torch_dtype=...), which needs files
+        warnings.filterwarnings("ignore", message="There are modules in AutoencoderKL")
+        vae = diffusers_vae(vae.to(device, dtype))
     if checkpoint is not None:
         return load_net(checkpoint, dtype=dtype, device=device), vae, f"{checkpoint} (load_net)"
     if model == "tiny":
