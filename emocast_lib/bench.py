@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
