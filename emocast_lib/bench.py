@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
@@ -234,9 +233,9 @@ def build_models(model: str, device: torch.device = torch.device("cpu"), dtype: 
     `checkpoint` by the library's loader (a float32 .safetensors is memory-mapped on the CPU: its pages
     are read, and counted in RSS, as they are used)."""
     vae = filled_vae(TINY_VAE if model == "tiny" else SD_VAE, TINY_SEED)
-    with warnings.catch_warnings():  # diffusers suggests from_pretrained(torch_dtype=...), which needs files
-        warnings.filterwarnings("ignore", message="There are modules in AutoencoderKL")
-        vae = diffusers_vae(vae.to(device, dtype))
+    if (device.type, dtype) != ("cpu", torch.float32):  # (diffusers logs a warning on every .to())
+        vae = vae.to(device, dtype)
+    vae = diffusers_vae(vae)
     if checkpoint is not None:
         return load_net(checkpoint, dtype=dtype, device=device), vae, f"{checkpoint} (load_net)"
     if model == "tiny":
