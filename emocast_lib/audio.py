@@ -23,6 +23,8 @@ __all__ = [
     "SEPARATOR_FILES",
     "WAV2VEC2_BASE",
     "AudioFeatures",
+    "AudioInfo",
+    "MAX_SECONDS",
     "TransformersWav2Vec2",
     "Wav2Vec2Stages",
     "encode_audio",
@@ -30,6 +32,7 @@ __all__ = [
     "load_separated_16k",
     "load_wav2vec2",
     "normalize",
+    "probe_audio",
     "separate_vocals",
     "to_16k_mono",
     "window_frames",
@@ -67,16 +70,111 @@ def to_16k_mono(waveform: torch.Tensor | np.ndarray, sample_rate: int) -> np.nda
     return np.pad(out, (0, max(0, n_out - len(out))))[:n_out]
 
 
-def load_audio_file(path: str | Path) -> tuple[np.ndarray, int]:
-    """Decode an audio file with soundfile (16-bit PCM -> value/32768) -> (float32 [channels, samples], rate)."""
-    path = Path(path)
+# The longest speech the CLI takes: the wav2vec2 pass encodes the whole utterance at once, and its
+# features (frames x 5 x 12 x 768 floats, ~270 MB a minute) are held until the last clip.
+MAX_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What an audio file's header says (`probe_audio`)."""
+
+    codec: str
+    sample_rate: int
+    channels: int
+    seconds: float | None  # None when the container does not say
+
+
+def _first_audio_stream(container, path: Path):
+    if not container.streams.audio:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+        raise ValueError(f"{path} has no audio track (FFmpeg finds: {kinds}); give a file with speech")
+    return container.streams.audio[0]
+
+
+def _open(path: Path):
+    import av
+
     if not path.is_file():
-        raise FileNotFoundError(f"audio file not found: {path}")
+        raise FileNotFoundError(f"audio file not found: {path}" if not path.exists() else
+                                f"audio {path} is not a file; give an audio file")
     try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except soundfile.LibsndfileError as e:
-        raise ValueError(f"cannot decode audio file {path}: {e}; convert it to WAV or FLAC") from e
-    return np.ascontiguousarray(data.T), int(rate)
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"cannot decode audio file {path}: FFmpeg does not read it as audio ({_av_reason(e)}); "
+                         "convert it to WAV, FLAC, MP3 or M4A") from e
+
+
+def _av_reason(e: Exception) -> str:
+    return str(getattr(e, "strerror", None) or e).split("\n")[0][:160]
+
+
+def probe_audio(path: str | Path) -> AudioInfo:
+    """Codec, rate, channels and duration from the header, without decoding (cheap)."""
+    path = Path(path)
+    with _open(path) as container:
+        stream = _first_audio_stream(container, path)
+        seconds = None
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            seconds = container.duration / 1_000_000
+        return AudioInfo(stream.codec_context.name, int(stream.rate or 0), int(stream.channels or 0), seconds)
+
+
+def _frame_float(frame) -> np.ndarray:
+    """One decoded PyAV frame -> float32 (channels, samples) at full scale 1.0."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if not frame.format.is_planar:
+        data = data.reshape(-1, channels).T
+    if data.dtype == np.uint8:
+        return (data.astype(np.float32) - 128) / 128
+    if data.dtype.kind == "i":
+        return data.astype(np.float32) / float(2 ** (8 * data.dtype.itemsize - 1))
+    return data.astype(np.float32, copy=False)
+
+
+def load_audio_file(path: str | Path, max_seconds: float | None = MAX_SECONDS) -> tuple[np.ndarray, int]:
+    """Decode the first audio track of any file FFmpeg reads (wav, flac, mp3, m4a/aac, ogg/opus, a video's
+    sound) -> (float32 [channels, samples], rate). 16-bit PCM becomes value/32768, as soundfile reads it.
+
+    Longer than `max_seconds`: ValueError before decoding when the header gives the duration, else as
+    soon as the decoded part passes it, so memory stays bounded whatever the file.
+    """
+    import av
+
+    path = Path(path)
+    with _open(path) as container:
+        stream = _first_audio_stream(container, path)
+        rate = int(stream.rate or 0)
+        if rate <= 0:
+            raise ValueError(f"{path}: the audio track has no sample rate; re-export the file")
+        info_seconds = probe_audio(path).seconds
+        if max_seconds is not None and info_seconds is not None and info_seconds > max_seconds:
+            raise ValueError(_too_long(path, info_seconds, max_seconds))
+        chunks, total = [], 0
+        try:
+            for frame in container.decode(stream):
+                chunk = _frame_float(frame)
+                chunks.append(chunk)
+                total += chunk.shape[1]
+                if max_seconds is not None and total > max_seconds * rate:
+                    raise ValueError(_too_long(path, None, max_seconds))
+        except av.FFmpegError as e:
+            raise ValueError(f"{path}: the audio data is damaged and cannot be decoded ({_av_reason(e)}); "
+                             "re-export or download the file again") from e
+    if not chunks or total == 0:
+        raise ValueError(f"{path} contains no audio samples (0 s); give a file with speech")
+    if len({c.shape[0] for c in chunks}) > 1:
+        raise ValueError(f"{path}: the channel count changes inside the file; re-export it with a fixed layout")
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1)), rate
+
+
+def _too_long(path: Path, seconds: float | None, limit: float) -> str:
+    length = f"{seconds / 60:.1f} minutes" if seconds is not None else "longer than that"
+    return (f"{path} is {length}; the limit is {limit / 60:g} minutes ({limit:g} s), because the whole "
+            "utterance is encoded at once: split it into shorter parts")
 
 
 def normalize(wave16k: np.ndarray) -> np.ndarray:
@@ -281,7 +379,9 @@ def separate_vocals(audio_path: str | Path, model_dir: str | Path, output_dir: s
     except ImportError as e:
         raise ImportError(
             "vocal separation needs the optional package audio-separator: "
-            "`pip install \"audio-separator[cpu]\"` (or `[gpu]`), or disable vocal separation") from e
+            "`pip install -c <(python -c \"import torch; print('torch==' + torch.__version__.split('+')[0])\") "
+            "\"audio-separator[cpu]\"` (or `[gpu]`; the constraint keeps your torch), or disable vocal separation"
+        ) from e
     output_dir.mkdir(parents=True, exist_ok=True)
     separator = Separator(output_dir=str(output_dir), output_single_stem="vocals",
                           model_file_dir=str(model_dir), output_format="WAV")

@@ -5,12 +5,10 @@ a file that needs anything beyond tensors and plain containers is refused before
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import pickle
 import re
-import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import NetConfig
+from .files import OutputError, atomic_path, output_problem
 from .models import EmoCASTNet
 from .models.ops import TorchOps
 
@@ -37,7 +36,8 @@ GET_NET = "use EmoCAST's released net.pth, or a .safetensors made from it by `py
 # SD checkpoint, which also holds a VAE and a CLIP, is named by its UNet).
 FOREIGN = (
     (r"^model\.diffusion_model\.", "a Stable Diffusion checkpoint", "put it in models/checkpoints instead"),
-    (r"^(first_stage_model\.|encoder\.down|decoder\.up|quant_conv\.)", "a VAE", "put it in models/vae instead"),
+    (r"^(first_stage_model\.|encoder\.down|decoder\.up|quant_conv\.|taesd_(en|de)coder\.)", "a VAE",
+     "put it in models/vae instead"),
     (r"^(cond_stage_model\.|text_model\.|transformer\.text_model\.)", "a CLIP text encoder",
      "put it in models/text_encoders instead"),
     (r"lora_(up|down|A|B)\b|\.lora\.", "a LoRA", "put it in models/loras instead"),
@@ -65,6 +65,25 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         obj = _read_pickle(path)
         return _tensors_only(path, obj), _pickle_metadata(obj)
     raise CheckpointError(f"{path}: unsupported file type {suffix!r}; use a .safetensors or "
+                          f"{'/'.join(PICKLE_SUFFIXES)} checkpoint")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string entries a checkpoint declares (CONFIG_KEY, NOTE_KEY, STEPS_KEY...), read without loading its
+    tensors (safetensors header, or the pickle memory-mapped); also a cheap check that the file is whole."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; check the path (models go in models/emocast)")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return dict(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable .safetensors file, it is truncated or corrupt ({e}); "
+                                  "download it again") from e
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _pickle_metadata(_read_pickle(path))
+    raise CheckpointError(f"{path}: unsupported file type {path.suffix!r}; use a .safetensors or "
                           f"{'/'.join(PICKLE_SUFFIXES)} checkpoint")
 
 
@@ -152,11 +171,11 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, Sequ
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str,
-                 expected: Mapping[str, Sequence[int]] | None = None) -> None:
+                 expected: Mapping[str, Sequence[int]] | None = None, overwrite: bool = False) -> None:
     """Write `src` as a `.safetensors` with floating tensors cast to `dtype` ("fp16", "bf16" or "fp32").
 
-    The output appears only once complete (temp file + rename), so a failed run never leaves a partial file
-    that a model list would offer."""
+    An existing `dst` is refused unless `overwrite`. The output appears only once complete (temp file +
+    rename), so a failed run never leaves a partial file that a model list would offer."""
     src, dst = Path(src), Path(dst)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -164,6 +183,8 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str,
         raise CheckpointError(f"{dst}: the output must be a .safetensors file")
     if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and dst.samefile(src)):
         raise CheckpointError(f"{dst}: is the source file itself; choose another output name")
+    if (problem := output_problem(dst, overwrite)) is not None:
+        raise CheckpointError(problem)
     sd, metadata = read_state_dict(src)
     if expected is not None:
         check_state_dict(sd, expected, str(src))
@@ -174,41 +195,14 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str,
             raise CheckpointError(f"{src}: {key} has values beyond the {dtype} range; choose bf16 "
                                   "or fp32 instead")
         out[key] = cast
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     try:
-        save_file(out, tmp, metadata={**metadata, "format": "pt", "dtype": dtype, "source": src.name})
-        os.replace(tmp, dst)
+        with atomic_path(dst, overwrite) as tmp:
+            save_file(out, tmp, metadata={**metadata, "format": "pt", "dtype": dtype, "source": src.name})
+    except OutputError as e:
+        raise CheckpointError(str(e)) from e
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{dst}: could not be written ({e}); check the folder's free space and "
                               "permissions") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def main_convert(argv: list[str] | None = None) -> int:
-    """`python -m emocast_lib convert SRC DST [--dtype fp16|bf16|fp32] [--no-check]`; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m emocast_lib convert",
-        description="Convert an EmoCAST net.pth (or .safetensors) to a .safetensors file, read without running "
-                    "any code from it.")
-    parser.add_argument("src", type=Path, help="net.pth / .pt / .ckpt / .bin / .safetensors to read")
-    parser.add_argument("dst", type=Path, help="output .safetensors (written only once complete)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16",
-                        help="precision of floating tensors (default fp16; fp32 keeps every bit)")
-    parser.add_argument("--no-check", action="store_true",
-                        help="skip the strict key/shape check against the released network (for other sizes)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # usage errors are already printed by argparse
-        return int(e.code or 0)
-    try:
-        expected = None if args.no_check else net_shapes(checkpoint_config(args.src, read_state_dict(args.src)[1]))
-        convert_file(args.src, args.dst, args.dtype, expected=expected)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.dst} ({args.dtype})")
-    return 0
 
 
 def net_shapes(config: NetConfig) -> dict[str, tuple[int, ...]]:

@@ -27,7 +27,8 @@ class Vae:
 @dataclass
 class Portrait:
     pixels: torch.Tensor  # (3, H, W) in [-1, 1], square, H divisible by 64
-    identity: torch.Tensor  # (E,) raw face-recognition embedding; zeros = no identity (reference fallback)
+    identity: torch.Tensor | None  # (E,) raw face-recognition embedding; None = no identity (zeros of the
+    # network's width, the reference's no-face fallback)
     face_region: torch.Tensor  # (3, H, W) in [0, 1]
     masks: dict[str, list[torch.Tensor]]  # "full"/"face"/"lip" -> 4 levels of (h_l * w_l,) in [0, 1]
 
@@ -51,10 +52,10 @@ class ClipResult:
     latents: torch.Tensor  # (1, 4, n, h, w) in the model's scale (VAE latents x 0.18215)
 
 
-def make_portrait(image: np.ndarray, landmarks: np.ndarray, identity: np.ndarray, size: int,
+def make_portrait(image: np.ndarray, landmarks: np.ndarray, identity: np.ndarray | None, size: int,
                   expand_ratio: float = 1.2) -> Portrait:
-    """RGB uint8 (H, W, 3) portrait + its (478, 2) pixel landmarks + identity embedding -> network inputs
-    at the model's native `size`, resized and masked exactly as the reference preprocessing."""
+    """RGB uint8 (H, W, 3) portrait + its (478, 2) pixel landmarks + identity embedding (None: no
+    identity) -> network inputs at the model's native `size`, resized and masked as the reference does."""
     from .face import compute_masks, mask_sizes, reference_image
 
     h, w = image.shape[:2]
@@ -63,7 +64,8 @@ def make_portrait(image: np.ndarray, landmarks: np.ndarray, identity: np.ndarray
                          f"stretch it): crop it square around the face with the Crop Portrait node")
     masks = compute_masks(landmarks, h, w, expand_ratio, image_size=size)
     sides = mask_sizes(size)
-    return Portrait(reference_image(image, size), torch.as_tensor(np.asarray(identity), dtype=torch.float32),
+    ident = None if identity is None else torch.as_tensor(np.asarray(identity), dtype=torch.float32)
+    return Portrait(reference_image(image, size), ident,
                     masks.face_region, {"full": [masks.full_masks[s][0] for s in sides],
                                         "face": [masks.face_masks[s][0] for s in sides],
                                         "lip": [masks.lip_masks[s][0] for s in sides]})
@@ -107,7 +109,10 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
     draw = noise or (lambda clip: torch.randn((1, 4, f, H // 8, W // 8), generator=generator))
 
     # Clip-invariant conditioning, computed once for the whole video.
-    ident = portrait.identity.reshape(1, -1).to(device, dtype)
+    if portrait.identity is None:  # the one home of the no-identity embedding: zeros of the network's width
+        ident = torch.zeros(1, net.config.image_proj.embedding_dim, device=device, dtype=dtype)
+    else:
+        ident = portrait.identity.reshape(1, -1).to(device, dtype)
     image_tokens = net.imageproj(torch.cat([torch.zeros_like(ident), ident]))  # (2, 4, D)
     region = portrait.face_region.to(device, dtype).expand(3, H, W)
     feats = net.face_locator(region[None].expand(f, -1, -1, -1))  # (f, C0, h, w)

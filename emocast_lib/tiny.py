@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CLIP_L_TEXT, SD_VAE, AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
+from .config import CLIP_L_TEXT, AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
 from .fill import fill_state_dict
 from .models import EmoCASTNet
 
@@ -45,7 +45,8 @@ TINY_CLIP_TEXT: dict[str, Any] = {
 }
 
 TINY_WAV2VEC: dict[str, Any] = {
-    "hidden_size": 32, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2], "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "hidden_size": 32, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
     "conv_bias": False, "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_hidden_layers": 12,
     "num_attention_heads": 4, "intermediate_size": 64, "num_conv_pos_embeddings": 128,
     "num_conv_pos_embedding_groups": 16, "vocab_size": 32,
@@ -85,41 +86,163 @@ def filled_text_encoder(config: dict[str, Any] = TINY_CLIP_TEXT, seed: int = TIN
     return fill_module(model, seed, prefix).eval()
 
 
-def make_tiny_models(root: str | Path, seed: int = TINY_SEED) -> list[Path]:
+TINY_STEPS = 4  # the denoising steps the tiny net declares (checkpoint.STEPS_KEY): noise needs no more
+TINY_MARK = "emocast_tiny_test_model"  # the declaration in every tiny file (metadata, JSON key, zip comment)
+README_NAME = "TINY_TEST_MODELS_README.txt"
+
+
+class TinyModelsError(ValueError):
+    """make-tiny-models would replace a file it did not write; the message names the files."""
+
+
+def planned_files(root: str | Path) -> list[Path]:
+    """Every file `make_tiny_models(root)` writes, in order (the tree of `layout.REQUIRED`)."""
+    from . import layout
+
+    root = Path(root)
+    w2v, faces = layout.WAV2VEC.path(root), layout.FACE_ANALYSIS.path(root)
+    return [root / README_NAME, layout.NET.path(root), layout.VAE.path(root), layout.CLIP_L.path(root),
+            w2v / "config.json", w2v / "model.safetensors", w2v / "preprocessor_config.json",
+            faces / "tiny_scrfd.onnx", faces / "tiny_arcface.onnx", layout.LANDMARKER.path(root)]
+
+
+def is_tiny_model(path: str | Path) -> bool:
+    """Whether `path` declares itself a tiny test model written by `make_tiny_models` (read without
+    running anything from it); False for any other file, unreadable ones included."""
+    import json
+    import zipfile
+
+    path = Path(path)
+    try:
+        if path.name == README_NAME:
+            return path.read_text().startswith(NOT_A_MODEL)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return TINY_MARK in (f.metadata() or {})
+        if path.suffix == ".json":
+            return TINY_MARK in json.loads(path.read_text())
+        if path.suffix == ".onnx":
+            import onnx
+
+            return any(p.key == TINY_MARK for p in onnx.load(str(path), load_external_data=False).metadata_props)
+        if path.suffix == ".task":
+            with zipfile.ZipFile(path) as bundle:
+                return bundle.comment == NOT_A_MODEL.encode()
+        if path.suffix == ".pth":
+            from .checkpoint import NOTE_KEY, read_metadata
+
+            return read_metadata(path).get(NOTE_KEY) == NOT_A_MODEL
+    except Exception:  # unreadable or foreign: not ours, so never replaced
+        return False
+    return False
+
+
+def check_tiny_target(root: str | Path, force: bool = False) -> None:
+    """Refuse (TinyModelsError, naming the files) when writing the tiny tree into `root` would replace
+    or mix with anything that is not a tiny model; `force` allows replacing earlier tiny models only."""
+    from . import layout
+    from .files import output_problem
+
+    root = Path(root)
+    existing = [p for p in planned_files(root) if p.exists() or p.is_symlink()]
+    faces = layout.FACE_ANALYSIS.path(root)
+    planned = set(planned_files(root))
+    # Extra detectors next to ours would change which face models InsightFace picks up.
+    existing += sorted(p for p in faces.glob("*.onnx") if p not in planned) if faces.is_dir() else []
+
+    def names(paths: list[Path]) -> str:
+        return ", ".join(str(p.relative_to(root)) for p in paths)
+
+    if existing and not force:
+        raise TinyModelsError(
+            f"{root} already holds {len(existing)} of the files make-tiny-models writes: {names(existing)}. "
+            "Nothing was written. Choose an empty folder (e.g. models-tiny)"
+            + ("; they are all tiny test models, so --force may replace them" if all(map(is_tiny_model, existing))
+               else "; files that are not tiny test models are never replaced"))
+    foreign = [p for p in existing if not is_tiny_model(p)]
+    if foreign:
+        raise TinyModelsError(
+            f"{root} holds files that are not tiny test models: {names(foreign)}. Nothing was "
+            "written, even with --force (it only replaces tiny test models). Choose an empty folder (e.g. models-tiny)")
+    problems = [problem for p in planned_files(root) if (problem := output_problem(p, overwrite=True, what="file"))]
+    if problems:
+        raise TinyModelsError(problems[0])
+
+
+def make_tiny_models(root: str | Path, seed: int = TINY_SEED, force: bool = False) -> list[Path]:
     """Write a complete ComfyUI-style models tree of tiny fill-rule weights under the file names of
-    `layout` (the ones the shipped workflows and the CLI use). Returns the files written."""
-    from diffusers import AutoencoderKL
+    `layout` (the ones the shipped workflows and the CLI use). Returns the files written.
+
+    Nothing the user has is replaced: `check_tiny_target` runs first, every file declares itself a tiny
+    model (`is_tiny_model`) and is written atomically (`files.atomic_path`), so an interrupted run leaves
+    whole files only."""
+    import json
+
     from safetensors.torch import save_file
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-    from . import layout
-    from .checkpoint import CONFIG_KEY, NOTE_KEY
+    from .checkpoint import CONFIG_KEY, NOTE_KEY, STEPS_KEY
+    from .files import atomic_path
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "TINY_TEST_MODELS_README.txt").write_text(NOT_A_MODEL + "\n")
-    meta = {"emocast_tiny_test_model": NOT_A_MODEL}
+    check_tiny_target(root, force)
+    readme, net, vae, clip, w2v_config, w2v_weights, w2v_features, detector, recognizer, task = planned_files(root)
+    meta = {TINY_MARK: NOT_A_MODEL}
+    writers = [  # the landmarker first: it is the one that may need a download
+        (task, _write_marked_landmarker),
+        (readme, lambda tmp: tmp.write_text(NOT_A_MODEL + "\n")),
+        (net, lambda tmp: torch.save({"state_dict": filled_net(TINY_PACK_NET, seed).state_dict(),
+                                      CONFIG_KEY: TINY_PACK_NET.to_json(), NOTE_KEY: NOT_A_MODEL,
+                                      STEPS_KEY: str(TINY_STEPS)}, tmp)),
+        (vae, lambda tmp: save_file(filled_taesd(seed), tmp, meta)),
+        (clip, lambda tmp: save_file(_text_model_keys(filled_text_encoder(CLIP_L_TEXT, seed)), tmp, meta)),
+        (w2v_config, lambda tmp: tmp.write_text(
+            json.dumps({**Wav2Vec2Config(**TINY_WAV2VEC).to_dict(), TINY_MARK: NOT_A_MODEL}, indent=2))),
+        (w2v_weights, lambda tmp: save_file(
+            fill_module(Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC)), seed).state_dict(), tmp, meta)),
+        (w2v_features, lambda tmp: tmp.write_text(json.dumps(
+            {**Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).to_dict(),
+             TINY_MARK: NOT_A_MODEL}, indent=2))),
+        (detector, write_centre_face_detector),
+        (recognizer, lambda tmp: write_tiny_recognizer(tmp, seed)),
+    ]
+    for path, write in writers:
+        with atomic_path(path, overwrite=force) as tmp:
+            write(tmp)
+    return [path for path, _ in writers]
 
-    net = layout.NET.path(root)
-    net.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": filled_net(TINY_PACK_NET, seed).state_dict(), CONFIG_KEY: TINY_PACK_NET.to_json(),
-                NOTE_KEY: NOT_A_MODEL}, net)
 
-    vae = layout.VAE.path(root)
-    vae.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() for k, v in fill_module(AutoencoderKL(**SD_VAE), seed).state_dict().items()}, vae, meta)
+def _text_model_keys(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {(k if k.startswith("text_model.") else "text_model." + k): v.half() for k, v in model.state_dict().items()}
 
-    clip = layout.CLIP_L.path(root)
-    clip.parent.mkdir(parents=True, exist_ok=True)
-    sd = filled_text_encoder(CLIP_L_TEXT, seed).state_dict()
-    save_file({(k if k.startswith("text_model.") else "text_model." + k): v.half() for k, v in sd.items()}, clip, meta)
 
-    w2v = layout.WAV2VEC.path(root)
-    fill_module(Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC)), seed).save_pretrained(w2v)
-    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(w2v)
+def filled_taesd(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
+    """A TAESD (tiny SD VAE) in ComfyUI's key layout (`taesd_encoder.*`, `taesd_decoder.*`, `vae_scale`),
+    which ComfyUI's Load VAE and the CLI both read; its shapes come from diffusers' AutoencoderTiny,
+    whose decoder indices are one lower (ComfyUI's decoder starts with a parameter-free clamp)."""
+    import re
 
-    faces = write_tiny_face_models(layout.FACE_ANALYSIS.path(root), layout.LANDMARKER.path(root))
-    return [net, vae, clip, w2v, *faces]
+    from diffusers import AutoencoderTiny
+
+    from .config import LATENT_SCALE
+
+    with torch.device("meta"):
+        shapes = AutoencoderTiny().state_dict()
+    names = {}
+    for key, value in shapes.items():
+        part, index, rest = re.match(r"(encoder|decoder)\.layers\.(\d+)\.(.*)", key).groups()
+        names[f"taesd_{part}.{int(index) + (part == 'decoder')}.{rest}"] = value.shape
+    sd = {k: v.half() for k, v in fill_state_dict(seed, names).items()}
+    return {**sd, "vae_scale": torch.tensor(LATENT_SCALE), "vae_shift": torch.tensor(0.0)}
+
+
+def _write_marked_landmarker(path: Path) -> None:
+    import zipfile
+
+    write_stand_in_landmarker(path)
+    with zipfile.ZipFile(path, "a") as bundle:  # the declaration that lets --force recognise it
+        bundle.comment = NOT_A_MODEL.encode()
 
 
 # --- stand-in face models (the real InsightFace / MediaPipe files cannot be generated) ---------------
@@ -130,6 +253,7 @@ def _onnx(graph, path: Path) -> None:
 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
+    helper.set_model_props(model, {TINY_MARK: NOT_A_MODEL})
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 
@@ -197,11 +321,3 @@ def write_stand_in_landmarker(task: Path) -> None:
             bundle.write(LEGACY_MEDIAPIPE / name, member)
     os.replace(part, task)
 
-
-def write_tiny_face_models(face_dir: Path, task: Path) -> list[Path]:
-    face_dir.mkdir(parents=True, exist_ok=True)
-    detector, recognizer = face_dir / "tiny_scrfd.onnx", face_dir / "tiny_arcface.onnx"
-    write_centre_face_detector(detector)
-    write_tiny_recognizer(recognizer)
-    write_stand_in_landmarker(task)
-    return [detector, recognizer, task]

@@ -111,3 +111,14 @@ def tiny_net_state_dict(parity_dir: Path, parity_config: dict) -> dict[str, torc
     bad = fill_mismatches(seed, rows, filled)
     assert not bad, f"{len(bad)} fill-rule tensors differ from tiny_net_manifest.tsv, e.g. {bad[:3]}"
     return filled
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """One tree of tiny stand-in models (`make-tiny-models`: FAKE fill-rule weights, NOT EmoCAST) shared
+    by every test of the session; tests must not change it."""
+    from emocast_lib.tiny import make_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    make_tiny_models(root)
+    return root

@@ -22,10 +22,10 @@ from emocast_lib.checkpoint import (
     check_state_dict,
     convert_file,
     load_net,
-    main_convert,
     net_shapes,
     read_state_dict,
 )
+from emocast_lib.cli import main
 from emocast_lib.config import NetConfig
 from emocast_lib.tiny import TINY_PACK_NET, filled_net
 from reference_config import read_net_config
@@ -267,13 +267,15 @@ def test_failed_conversion_leaves_existing_output_untouched(tmp_path, tiny_sd, t
     dst.write_bytes(b"previous output")
     bad = save_pth({**tiny_sd, "extra.weight": torch.ones(1)}, tmp_path / "bad.pth", legacy=True)
     with pytest.raises(CheckpointError, match="1 unexpected"):
-        convert_file(bad, dst, "fp16", expected=tiny_shapes)
+        convert_file(bad, dst, "fp16", expected=tiny_shapes, overwrite=True)
     huge = save_pth({"w": torch.tensor([1.0, 1e6])}, tmp_path / "huge.pth", legacy=False)
     with pytest.raises(CheckpointError, match=r"huge\.pth: w has values beyond the fp16 range"):
-        convert_file(huge, dst, "fp16")
+        convert_file(huge, dst, "fp16", overwrite=True)
+    with pytest.raises(CheckpointError, match=f"{dst} already exists"):  # replaced only when told
+        convert_file(huge, dst, "bf16")
     assert dst.read_bytes() == b"previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "emocast.safetensors", "huge.pth"]
-    convert_file(huge, dst, "bf16")  # bf16 has the fp32 range
+    convert_file(huge, dst, "bf16", overwrite=True)  # bf16 has the fp32 range
     assert load_file(dst)["w"].dtype == torch.bfloat16
 
 
@@ -289,8 +291,10 @@ def test_conversion_refuses_the_source_and_bad_outputs(tmp_path, tiny_path):
         convert_file(src, tmp_path / "link.safetensors", "fp32")
     with pytest.raises(CheckpointError, match=r"net\.pth: the output must be a \.safetensors file"):
         convert_file(src, tmp_path / "net.pth", "fp32")
-    with pytest.raises(CheckpointError, match="could not be written"):
-        convert_file(src, tmp_path / "missing_folder" / "out.safetensors", "fp32")
+    (tmp_path / "a_file").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="a_file is a file, not a folder"):
+        convert_file(src, tmp_path / "a_file" / "out.safetensors", "fp32")
+    convert_file(src, tmp_path / "new_folder" / "out.safetensors", "fp32")  # missing folders are made
     assert src.read_bytes() == tiny_path.read_bytes()
 
 
@@ -313,7 +317,7 @@ def test_load_net_takes_the_architecture_the_file_declares(tmp_path, tiny_path, 
     assert "not a real model" in caplog.text
     # The declaration survives conversion, so a converted file loads the same way.
     dst = tmp_path / "net.safetensors"
-    assert main_convert([str(path), str(dst), "--dtype", "fp32"]) == 0
+    assert main(["convert", str(path), str(dst), "--dtype", "fp32"]) == 0
     assert load_net(dst).config == TINY_PACK_NET
     # Undeclared files are the released architecture: a file of other sizes is reported against it.
     expected = len(net_shapes(NetConfig()).keys() - load_file(tiny_path).keys())
@@ -328,20 +332,20 @@ def test_load_net_takes_the_architecture_the_file_declares(tmp_path, tiny_path, 
 
 def test_cli_convert(tmp_path, tiny_path, tiny_sd, capsys):
     dst = tmp_path / "tiny_bf16.safetensors"
-    assert main_convert([str(tiny_path), str(dst), "--dtype", "bf16", "--no-check"]) == 0
+    assert main(["convert", str(tiny_path), str(dst), "--dtype", "bf16", "--no-check"]) == 0
     assert f"wrote {dst}" in capsys.readouterr().out
     with safe_open(dst, "pt") as f:
         assert f.metadata()["dtype"] == "bf16" and f.get_tensor("imageproj.proj.weight").dtype == torch.bfloat16
 
     # Without --no-check the file is checked against the released network, which the tiny one is not.
-    assert main_convert([str(tiny_path), str(tmp_path / "x.safetensors")]) == 2
+    assert main(["convert", str(tiny_path), str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tiny_path}: does not match the EmoCAST network") and "wrong-shape" in err
     assert not (tmp_path / "x.safetensors").exists()
 
-    assert main_convert([str(tmp_path / "nope.pth"), str(tmp_path / "y.safetensors")]) == 2
+    assert main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "y.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'nope.pth'}: no such file; check the path (models go in models/emocast)\n"
 
-    assert main_convert([str(tiny_path), str(tmp_path / "z.safetensors"), "--dtype", "fp8"]) == 2
+    assert main(["convert", str(tiny_path), str(tmp_path / "z.safetensors"), "--dtype", "fp8"]) == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -158,7 +158,7 @@ def test_tokenizer_folder_error(tmp_path: Path):
 def test_cli_tokenizer_matches_the_real_vocabulary(clip_tokenizer, expected):
     """The CLI tokenizes with instant-clip-tokenizer (vocabulary inside the wheel): the set's ids, and the same
     ids as transformers' CLIPTokenizer on tricky prompts."""
-    from emocast_lib.cli import ClipBpeTokenizer
+    from emocast_lib.companions import ClipBpeTokenizer
 
     ours = ClipBpeTokenizer()
     ref, prompt = expected

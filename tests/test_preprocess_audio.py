@@ -192,7 +192,7 @@ def test_separator_missing_package_named(tmp_path: Path, monkeypatch):
     for name in audio.SEPARATOR_FILES:
         (tmp_path / name).write_bytes(b"x")
     monkeypatch.setitem(sys.modules, "audio_separator", None)  # simulate the optional package being absent
-    with pytest.raises(ImportError, match=r"pip install \"audio-separator\[cpu\]\""):
+    with pytest.raises(ImportError, match=r"pip install -c .*torch==.* \"audio-separator\[cpu\]\""):
         audio.separate_vocals(tmp_path / "a.wav", tmp_path, tmp_path / "out")
 
 

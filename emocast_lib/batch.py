@@ -1,0 +1,829 @@
+"""`python -m emocast_lib batch JOBS`: many talking-portrait videos from one JSONL or CSV jobs file.
+
+Built on the job API (job.py): every line becomes a `JobSpec`; `check_models` + `check_job` validate
+all of them before any model loads; a `Session` per worker loads the models once and caches portraits,
+emotion encodings and audio features shared by jobs; `run_job` writes each mp4 atomically.
+
+Jobs run one after another in this process, or with `--ray` on a Ray runtime: one actor per GPU (or
+per N CPU threads) holds a session and takes the next job from the driver, which keeps only the queue
+and the report. Ray is imported only then.
+
+Nothing done twice: each mp4 carries the settings that made it (mp4 metadata, written with the file,
+so the record and the video appear together). A rerun skips a job whose output exists and whose
+record equals the job's settings: the same photo and audio bytes (sha256), the same JobSpec values,
+the same model files (size and hash of their first and last MiB) and precision. The device it ran on
+is not part of it. `--redo` runs every job again.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+from . import layout
+from .job import JobError, JobSpec, ModelSettings, Progress, Segment
+
+REQUIRED = ("image", "audio", "emotion", "out")
+PATHS = ("image", "audio", "out")
+# The optional fields of a line: `weights` (pose/face/lip) and JobSpec's own value fields, typed as their
+# defaults (steps defaults to None: the checkpoint's step count).
+WEIGHTS = {"pose": "pose_weight", "face": "face_weight", "lip": "lip_weight"}
+SPEC_VALUES = {f.name: int if f.name == "steps" else type(f.default) for f in dataclasses.fields(JobSpec)
+               if f.name not in (*REQUIRED, "schedule", "overwrite", *WEIGHTS.values())}
+OPTIONAL = ("weights", *SPEC_VALUES)
+RECORD_TAG = "comment"  # the mp4 metadata tag holding {"emocast_batch": settings}
+RECORD_KEY = "emocast_batch"
+
+
+class JobsFileError(ValueError):
+    """The jobs file as a whole cannot be used (missing, unknown format, bad CSV header)."""
+
+
+@dataclass
+class JobLine:
+    """One line of the jobs file: its JobSpec values (paths resolved against the jobs file's folder), or
+    what is wrong with it."""
+
+    line: int
+    values: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+# --- parsing ---------------------------------------------------------------------------------------------
+
+_SEGMENT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*-\s*(\d+(?:\.\d*)?)\s*s?\s*:\s*(.*?)\s*$", re.DOTALL)
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}: needs a non-empty text, got {value!r}")
+    return value
+
+
+def _typed(name: str, value: Any, kind: type) -> Any:
+    """A JSON value or a CSV cell -> int, float, bool or str; ValueError names the field."""
+    if kind is str:
+        return _text(name, value)
+    if isinstance(value, str):
+        text = value.strip()
+        if kind is bool and text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: {value!r} is not true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"{name}: {value!r} is not {'a whole number' if kind is int else 'a number'}")
+    return kind(value)  # ranges and finiteness: job.check_job
+
+
+def _json_cell(name: str, value: Any, opener: str) -> Any:
+    """A CSV cell (or a JSONL string) holding a JSON list or object, as a spreadsheet exports it."""
+    if isinstance(value, str) and value.lstrip().startswith(opener):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: {value!r} starts like JSON but is not ({e.msg} at column {e.colno})") from None
+    return value
+
+
+def parse_emotion(value: Any) -> dict[str, Any]:
+    """`emotion` -> JobSpec values: a prompt, or a schedule given as a list of {"text", "start", "end"}
+    (seconds) or as the text `0-1.5 s: "calm" | 1.5-3 s: angry` (the Emotion Schedule node's preview)."""
+    value = _json_cell("emotion", value, "[")
+    if isinstance(value, list):
+        segments = []
+        for i, seg in enumerate(value, 1):
+            if not isinstance(seg, dict) or set(seg) != {"text", "start", "end"}:
+                raise ValueError(f'emotion: schedule entry {i} must be {{"text", "start", "end"}}, got {seg!r}')
+            segments.append(Segment(_text(f"emotion entry {i} text", seg["text"]),
+                                    _typed(f"emotion entry {i} start", seg["start"], float),
+                                    _typed(f"emotion entry {i} end", seg["end"], float)))
+        if not segments:
+            raise ValueError('emotion: the schedule is empty; give at least one {"text", "start", "end"}')
+        return {"schedule": tuple(segments)}
+    text = _text("emotion", value)
+    if not _SEGMENT.match(text.split("|")[0]):
+        return {"emotion": text}
+    segments = []
+    for i, part in enumerate(text.split("|"), 1):
+        m = _SEGMENT.match(part)
+        if not m or not m.group(3).strip('"'):
+            raise ValueError(f"emotion: schedule part {i} {part.strip()!r} is not `START-END s: text` "
+                             f"(seconds, e.g. `0-1.5 s: calm | 1.5-3 s: angry`)")
+        segments.append(Segment(m.group(3).strip('"'), float(m.group(1)), float(m.group(2))))
+    return {"schedule": tuple(segments)}
+
+
+def parse_weights(value: Any) -> dict[str, float]:
+    """{"pose": p, "face": f, "lip": l} or the text `pose=p face=f lip=l` -> JobSpec's *_weight values
+    (a weight left out keeps its default)."""
+    value = _json_cell("weights", value, "{")
+    if isinstance(value, str):
+        pairs = [p for p in re.split(r"[\s;,]+", value.strip()) if p]
+        if not all(p.count("=") == 1 for p in pairs):
+            raise ValueError(f"weights: {value!r} is not `pose=P face=F lip=L` (any of the three)")
+        value = dict(p.split("=") for p in pairs)
+    if not isinstance(value, dict) or not value or set(value) - set(WEIGHTS):
+        raise ValueError(f"weights: {value!r} must name some of {', '.join(WEIGHTS)}, e.g. lip=1.2")
+    return {WEIGHTS[k]: _typed(f"weights {k}", v, float) for k, v in value.items()}
+
+
+def parse_values(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Raw fields of one line -> JobSpec keyword values; ValueError names the field and what is wrong."""
+    unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(REQUIRED + OPTIONAL)}")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (each line needs {', '.join(REQUIRED)})")
+    values: dict[str, Any] = {}
+    for k in PATHS:
+        path = Path(_text(k, raw[k])).expanduser()
+        values[k] = path if path.is_absolute() else base / path
+    values.update(parse_emotion(raw["emotion"]))
+    if "weights" in raw:
+        values.update(parse_weights(raw["weights"]))
+    values.update({k: _typed(k, raw[k], kind) for k, kind in SPEC_VALUES.items() if k in raw})
+    if "crossfade" in values and "schedule" not in values:
+        raise ValueError("crossfade: only applies to an emotion schedule; this line has a single emotion")
+    return values
+
+
+def _parse(line: int, raw: dict[str, Any], base: Path) -> JobLine:
+    try:
+        return JobLine(line, parse_values(raw, base))
+    except ValueError as e:
+        return JobLine(line, error=str(e))
+
+
+def _read_jsonl(text: str, base: Path) -> list[JobLine]:
+    jobs = []
+    for n, row in enumerate(text.splitlines(), 1):
+        if not row.strip() or row.lstrip().startswith("#"):
+            continue
+        try:
+            raw = json.loads(row)
+        except json.JSONDecodeError as e:
+            jobs.append(JobLine(n, error=f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(raw, dict):
+            jobs.append(JobLine(n, error=f'needs a JSON object {{"image": ..., ...}}, got {type(raw).__name__}'))
+            continue
+        jobs.append(_parse(n, raw, base))
+    return jobs
+
+
+def _read_csv(text: str, base: Path, name: str) -> list[JobLine]:
+    reader = csv.reader(text.splitlines(keepends=True))
+    header = [h.strip() for h in next(reader, [])]
+    if not header:
+        raise JobsFileError(f"{name}: empty; its first line names the columns, at least {', '.join(REQUIRED)}")
+    unknown = [h for h in header if h not in REQUIRED + OPTIONAL]
+    missing = [h for h in REQUIRED if h not in header]
+    if unknown or missing or len(set(header)) != len(header):
+        raise JobsFileError(f"{name}:1: the header must name the columns {', '.join(REQUIRED)} and may add "
+                            f"{', '.join(OPTIONAL)}, each once; got {', '.join(header)}")
+    jobs, end = [], reader.line_num
+    for row in reader:
+        start, end = end + 1, reader.line_num  # a quoted cell may span lines: report where the record starts
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            jobs.append(JobLine(start, error=f"has {len(row)} cells, the header has {len(header)} columns"))
+            continue
+        jobs.append(_parse(start, {k: v for k, v in zip(header, row, strict=True) if v.strip()}, base))
+    return jobs
+
+
+def read_jobs(path: Path) -> list[JobLine]:
+    """Every job of a .jsonl or .csv jobs file, parsed; a bad line carries its error. Relative paths
+    resolve against the jobs file's folder."""
+    if path.suffix.lower() not in (".jsonl", ".csv"):
+        raise JobsFileError(f"{path}: name the jobs file .jsonl (one JSON object per line) or .csv (with a header)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise JobsFileError(f"jobs file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobsFileError(f"cannot read the jobs file {path}: {e}") from None
+    base = path.resolve().parent
+    jobs = _read_jsonl(text, base) if path.suffix.lower() == ".jsonl" else _read_csv(text, base, str(path))
+    if not jobs:
+        raise JobsFileError(f"{path}: holds no jobs")
+    return jobs
+
+
+def check_outputs_distinct(jobs: list[JobLine]) -> None:
+    """Two lines writing one file would each replace the other's video: the later line is marked bad, as
+    is a line whose output is another line's input."""
+    first: dict[Path, int] = {}
+    inputs = {j.values[k].resolve(): j.line for j in jobs if not j.error for k in ("image", "audio")}
+    for job in jobs:
+        if job.error:
+            continue
+        out = job.values["out"]
+        if out.resolve() in first:
+            job.error = f"out: {out} is also the output of line {first[out.resolve()]}; give each job its own file"
+        elif out.resolve() in inputs:
+            job.error = f"out: {out} is an input of line {inputs[out.resolve()]}; it would be overwritten"
+        else:
+            first[out.resolve()] = job.line
+
+
+# --- the settings record: what makes a rerun skip a job ---------------------------------------------------
+
+def _model_files(settings: ModelSettings, identity: bool) -> list[Path]:
+    """The files a session reads (layout's entries, folders expanded; the checkpoint as job.Session finds it)."""
+    from .job import default_checkpoint
+
+    models = Path(settings.models)
+    entries = [Path(settings.checkpoint) if settings.checkpoint else default_checkpoint(models)]
+    entries += [f.path(models) for f in layout.REQUIRED if f is not layout.NET
+                and (identity or f is not layout.FACE_ANALYSIS)]
+    files = {p for e in entries for p in ([e] if e.is_file() else e.rglob("*")) if p.is_file()}
+    return sorted(p for p in files if not p.name.startswith("."))
+
+
+def _quick_digest(path: Path, span: int = 1 << 20) -> str:
+    """Size + sha256 of the first and last MiB: tells model files apart without reading gigabytes."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        f.seek(max(0, size - span))
+        h.update(f.read(span))
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+def models_fingerprint(settings: ModelSettings, identity: bool) -> dict[str, str]:
+    models = Path(settings.models)
+    return {(p.relative_to(models).as_posix() if p.is_relative_to(models) else str(p)): _quick_digest(p)
+            for p in _model_files(settings, identity)}
+
+
+def settings_record(spec: JobSpec, precision: str, models: dict[str, str], digest: Callable[[Path], str]) -> dict:
+    """Everything that determines a job's video, as plain JSON values: the input files by content, every
+    other JobSpec value, the precision asked for and the model files."""
+    unused = ("emotion",) if spec.schedule else ("schedule", "crossfade")
+    values = {k: v for k, v in dataclasses.asdict(spec).items() if k not in (*PATHS, "overwrite", *unused)}
+    record = {"image_sha256": digest(Path(spec.image)), "audio_sha256": digest(Path(spec.audio)),
+              **values, "precision": precision, "models": models}
+    return json.loads(json.dumps(record))  # tuples -> lists: compares equal to what is read back
+
+
+def read_record(out: Path) -> dict | None:
+    """The settings recorded in an mp4 made by this command, or None (no file, not an mp4, not ours)."""
+    import av
+
+    try:
+        with av.open(str(out)) as container:
+            text = container.metadata.get(RECORD_TAG, "")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError):
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return record.get(RECORD_KEY) if isinstance(record, dict) else None
+
+
+def record_metadata(record: dict) -> dict[str, str]:
+    return {RECORD_TAG: json.dumps({RECORD_KEY: record}, separators=(",", ":"))}
+
+
+# --- the ledger: every job's state, the progress line and the report ------------------------------------
+
+FINAL = ("done", "skipped", "failed", "invalid", "cancelled")
+
+
+@dataclass
+class Entry:
+    """One job in the report; `attempts` has one record per run (worker, seconds, status, error)."""
+
+    line: int
+    out: str
+    status: str = "pending"  # pending, running, then one of FINAL
+    seconds: float | None = None
+    worker: str | None = None
+    error: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    progress: float = 0.0  # fraction of the running attempt (for the ETA; not reported)
+    started: float = 0.0
+
+
+class Ledger:
+    """The driver's state besides the queue: the job entries, the progress line and report.json, which is
+    rewritten atomically at every change, so even a killed batch leaves an honest report."""
+
+    def __init__(self, entries: list[Entry], report: Path, jobs_file: Path, mode: str, stream: TextIO):
+        self.entries, self.report, self.jobs_file, self.mode, self.stream = entries, report, jobs_file, mode, stream
+        self.workers = 1
+        self.begun = time.monotonic()
+        self._tty = stream.isatty()
+        self._drawn_at, self._drawn = -math.inf, ""
+
+    def count(self, *status: str) -> int:
+        return sum(e.status in status for e in self.entries)
+
+    def start(self, entry: Entry, worker: str) -> None:
+        entry.status, entry.worker, entry.started, entry.progress = "running", worker, time.monotonic(), 0.0
+        self.write_report()
+        self.draw(force=True)
+
+    def finish(self, entry: Entry, status: str, error: str | None = None, retry: bool = False) -> None:
+        """Close the running attempt; with `retry` the job is pending again (its worker died)."""
+        seconds = round(time.monotonic() - entry.started, 3)
+        entry.attempts.append({"worker": entry.worker, "seconds": seconds, "status": status, "error": error})
+        entry.status, entry.seconds, entry.error = ("pending" if retry else status), seconds, error
+        if retry:
+            self.say(f"line {entry.line}: {error}; trying it again on another worker")
+        else:
+            where = f" ({seconds:.1f} s, {entry.worker})" if status == "done" else ""
+            self.say(f"line {entry.line}: {status} {entry.out}{where}" + (f": {error}" if error else ""))
+        self.write_report()
+        self.draw(force=True)
+
+    def eta(self) -> float:
+        """Seconds left: the mean job time (finished jobs, else running jobs extrapolated from their
+        progress) times the work left, shared by the workers."""
+        now = time.monotonic()
+        running = [e for e in self.entries if e.status == "running"]
+        took = [e.seconds for e in self.entries if e.status == "done" and e.seconds]
+        took = took or [(now - e.started) / e.progress for e in running if e.progress > 0.02]
+        if not took:
+            return math.inf
+        mean = sum(took) / len(took)
+        work = self.count("pending") * mean + sum(mean * (1 - e.progress) for e in running)
+        return work / max(1, self.workers)
+
+    def line(self) -> str:
+        return (f"batch: {self.count('done', 'skipped')}/{len(self.entries)} done, "
+                f"{self.count('failed', 'invalid', 'cancelled')} failed, {self.count('pending', 'running')} left "
+                f"({self.count('running')} running), ETA {format_eta(self.eta())}")
+
+    def draw(self, force: bool = False) -> None:
+        """The progress line: redrawn in place on a terminal; in a log, printed on changes of state and
+        at most every 30 s otherwise."""
+        now = time.monotonic()
+        if not force and now - self._drawn_at < (0.25 if self._tty else 30.0):
+            return
+        text = self.line()
+        if text != self._drawn or self._tty:
+            self.stream.write(f"\r{text}\x1b[K" if self._tty else text + "\n")
+            self.stream.flush()
+        self._drawn_at, self._drawn = now, text
+
+    def say(self, text: str) -> None:
+        """A line that stays (a job finished, a bad line), printed above the progress line."""
+        self.stream.write(("\r\x1b[K" if self._tty else "") + text + "\n")
+        self.stream.flush()
+
+    def write_report(self) -> None:
+        from .files import write_bytes
+
+        report = {"jobs_file": str(self.jobs_file), "mode": self.mode,
+                  "seconds": round(time.monotonic() - self.begun, 3),
+                  "summary": {s: self.count(s) for s in (*FINAL, "pending", "running")},
+                  "jobs": [{k: v for k, v in vars(e).items() if k not in ("progress", "started")}
+                           for e in self.entries]}
+        write_bytes(self.report, (json.dumps(report, indent=1) + "\n").encode(), overwrite=True)
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--"
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# --- workers: the same runner in this process and inside each Ray actor -----------------------------------
+
+@dataclass
+class Task:
+    index: int  # the job's ledger entry
+    spec: JobSpec
+    record: dict[str, Any]  # written into the mp4 (settings_record)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for the report: input errors as they are, anything else with its type."""
+    if isinstance(e, JobError):
+        return "; ".join(map(str, e.problems))
+    text = str(e).strip() or repr(e)
+    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text.splitlines()[0]}"
+
+
+class Worker:
+    """One model session and one job at a time. `stop` (an Event) cancels the running job between two
+    denoising steps; its mp4 is then not written."""
+
+    def __init__(self, name: str, settings: ModelSettings, identity: bool):
+        from .job import Session
+
+        self.name = name
+        self.session = Session(settings)
+        self.session.load(identity=identity)
+        self.stop = threading.Event()
+        self.progress = 0.0
+
+    def run(self, task: Task, on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
+        from .job import run_job
+        from .sampling import GenerationCancelled
+
+        def progress(p: Progress) -> None:
+            if p.stage == "sample" and p.total:
+                self.progress = p.done / p.total
+                if on_progress:
+                    on_progress(self.progress)
+
+        self.progress = 0.0
+        try:
+            run_job(self.session, task.spec, on_progress=progress, should_stop=self.stop.is_set,
+                    metadata=record_metadata(task.record))
+        except GenerationCancelled:
+            return {"status": "cancelled", "error": "cancelled by Ctrl-C"}
+        except Exception as e:  # one job's failure (bad input, out of memory, ...) never stops the batch
+            return {"status": "failed", "error": describe_error(e)}
+        return {"status": "done"}
+
+
+def worker_name(prefix: str) -> str:
+    return f"{prefix}@{socket.gethostname()}:{os.getpid()}"
+
+
+def run_embedded(ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity: bool,
+                 stop: threading.Event) -> None:
+    """The jobs one after another in this process, with the models loaded once."""
+    ledger.say(f"loading the models from {settings.models} ...")
+    try:
+        worker = Worker(worker_name("local"), settings, identity)
+    except Exception as e:  # models that do not load fail every job, with the reason
+        for task in tasks:
+            entry = ledger.entries[task.index]
+            entry.status, entry.error = "failed", f"the models did not load: {describe_error(e)}"
+        ledger.say(f"error: the models did not load: {describe_error(e)}")
+        ledger.write_report()
+        return
+    worker.stop = stop
+    try:
+        for task in tasks:
+            if stop.is_set():
+                break
+            entry = ledger.entries[task.index]
+
+            def progress(fraction: float, entry: Entry = entry) -> None:
+                entry.progress = fraction
+                ledger.draw()
+
+            ledger.start(entry, worker.name)
+            result = worker.run(task, on_progress=progress)
+            ledger.finish(entry, result["status"], result.get("error"))
+    finally:
+        worker.session.close()
+
+
+# --- Ray: one actor per GPU (or per N CPU threads) takes jobs; the driver keeps the queue and the report ---
+
+RAY_INSTALL = 'Ray is not installed: pip install -r requirements-ray.txt (or pip install ".[ray]")'
+LOCAL_OBJECT_STORE = 256 * 1024**2  # jobs and results are a few kB: the frames go to disk on the worker
+
+
+class RayStartError(RuntimeError):
+    """Ray could not start a local runtime or join the cluster."""
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(RAY_INSTALL) from None
+    return ray
+
+
+class RayWorker:
+    """The body of a Ray actor (made with `ray.remote` at run time: this module never imports Ray). The
+    actor is threaded, so `progress` and `stop` are answered while `run` works."""
+
+    def __init__(self, name: str, settings: ModelSettings, identity: bool, threads: int | None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.worker = Worker(worker_name(name), settings, identity)
+
+    def ready(self) -> str:
+        return self.worker.name
+
+    def run(self, task: Task) -> dict[str, Any]:
+        return self.worker.run(task)
+
+    def progress(self) -> float:
+        return self.worker.progress
+
+    def stop(self) -> None:
+        self.worker.stop.set()
+
+
+def run_ray(ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity: bool, stop: threading.Event,
+            address: str | None, workers: int | None, threads: int, dashboard: bool) -> None:
+    """The jobs on Ray: a new local runtime when `address` is None, else the cluster at `address`. The
+    pack's library travels to the workers; paths (models, inputs, outputs) must be the same on every node."""
+    ray = import_ray()
+    import emocast_lib
+
+    # The library travels with the job (same code on every node); workers' prints stay in Ray's logs
+    # (dashboard), so the driver shows only the progress line.
+    options = {"runtime_env": {"py_modules": [str(Path(emocast_lib.__file__).parent)], "excludes": ["__pycache__"]},
+               "log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if address is None:
+            ray.init(address="local", num_cpus=workers * threads if workers else None, include_dashboard=dashboard,
+                     object_store_memory=LOCAL_OBJECT_STORE, **options)
+        else:
+            ray.init(address=address, **options)
+    except Exception as e:  # a wrong address, a version mismatch, no room for the runtime
+        where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
+        raise RayStartError(f"--ray: could not start or join {where}: {describe_error(e)}") from e
+    try:
+        _drive(ray, ledger, tasks, settings, identity, stop, workers, threads)
+    finally:
+        ray.shutdown()
+
+
+def _drive(ray, ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity: bool, stop: threading.Event,
+           workers: int | None, threads: int) -> None:
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0)) if settings.device in ("auto", "cuda") else 0
+    count = min(workers or gpus or max(1, int(resources.get("CPU", 1)) // threads), len(tasks))
+    remote = ray.remote(max_concurrency=2)(RayWorker)
+    actor = remote.options(num_gpus=1, num_cpus=1) if gpus else remote.options(num_cpus=threads)
+    settings = dataclasses.replace(settings, device="cuda" if gpus else "cpu")
+    ledger.workers = count
+    ledger.say(f"ray: {count} worker(s) on {'one GPU' if gpus else f'{threads} CPU thread(s)'} each, "
+               f"cluster at {ray.get_runtime_context().gcs_address}")
+    numbers = itertools.count()
+    queue, loading, idle, busy, names = deque(tasks), {}, [], {}, {}
+
+    def spawn() -> None:
+        handle = actor.remote(f"w{next(numbers)}", settings, identity, None if gpus else threads)
+        loading[handle.ready.remote()] = handle
+
+    for _ in range(count):
+        spawn()
+    replacements, trouble, stopping, polled = count, "", False, 0.0
+    try:
+        while queue or busy:
+            if stop.is_set() and not stopping:
+                stopping = True
+                for handle, _ in busy.values():
+                    handle.stop.remote()
+            while idle and queue and not stopping:
+                handle, task = idle.pop(), queue.popleft()
+                busy[handle.run.remote(task)] = (handle, task)
+                ledger.start(ledger.entries[task.index], names[handle])
+            if not busy and (stopping or not loading):
+                break
+            ready, _ = ray.wait([*loading, *busy], num_returns=1, timeout=0.5)
+            for ref in ready:
+                if ref in loading:
+                    handle = loading.pop(ref)
+                    try:
+                        names[handle] = ray.get(ref)
+                        idle.append(handle)
+                    except ray.exceptions.RayError as e:  # its models did not load: not replaced
+                        trouble = f"a worker did not start: {describe_error(e)}"
+                        ledger.say(f"ray: {trouble}")
+                    continue
+                handle, task = busy.pop(ref)
+                entry = ledger.entries[task.index]
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:  # the worker process died (crash, OOM kill, lost node)
+                    trouble = f"worker {entry.worker} died"
+                    retry = not entry.attempts and not stopping
+                    ledger.finish(entry, "failed", f"{trouble} ({type(e).__name__})", retry=retry)
+                    if retry:
+                        queue.appendleft(task)
+                    if queue and replacements and not stopping:
+                        replacements -= 1
+                        spawn()
+                    continue
+                ledger.finish(entry, result["status"], result.get("error"))
+                idle.append(handle)
+            if busy and time.monotonic() - polled > 1.0:
+                polled = time.monotonic()
+                asked = {ref: handle.progress.remote() for ref, (handle, _) in busy.items()}
+                for ref, answer in asked.items():
+                    try:
+                        ledger.entries[busy[ref][1].index].progress = ray.get(answer, timeout=1.0)
+                    except ray.exceptions.RayError:
+                        pass
+                ledger.draw()
+    finally:  # a worker still loading its models would outlive the runtime by a minute
+        for handle in [*loading.values(), *idle, *(h for h, _ in busy.values())]:
+            ray.kill(handle)
+    for task in queue:
+        entry = ledger.entries[task.index]
+        entry.status = "cancelled" if stopping else "failed"
+        entry.error = "cancelled by Ctrl-C" if stopping else f"not run: no worker left ({trouble})"
+    ledger.write_report()
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def add_parser(sub) -> None:
+    """The `batch` subcommand of `python -m emocast_lib` (cli.py)."""
+    p = sub.add_parser(
+        "batch", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="many videos from a JSONL or CSV jobs file, in this process or on Ray",
+        description="One video per line of JOBS (.jsonl: a JSON object per line; .csv: a header row). Fields: "
+                    f"{', '.join(REQUIRED)} (required), {', '.join(OPTIONAL)} (optional; defaults as in "
+                    "`generate`). Relative paths resolve against the jobs file. Every job is checked before "
+                    "any model loads. Jobs whose mp4 exists with the same settings are skipped.")
+    p.add_argument("jobs", type=Path, help="the jobs file (.jsonl or .csv)")
+    p.add_argument("--models", type=Path, default=Path("models"), help="ComfyUI-style models folder (see README)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="EmoCAST network (.pth or .safetensors); "
+                   "default: MODELS/emocast/net.pth, else the only .safetensors there")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (with --ray: auto or cpu)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--report", type=Path, default=None, help="report file (default: JOBS with .report.json)")
+    p.add_argument("--strict", action="store_true", help="run nothing if any line is bad")
+    p.add_argument("--redo", action="store_true",
+                   help="run every job again, replacing existing outputs (also files this command did not make)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray: alone, a new local runtime; with an address (host:6379, auto, ray://...), "
+                        "that cluster (needs requirements-ray.txt)")
+    p.add_argument("--workers", type=_count, default=None,
+                   help="Ray workers (default: one per GPU, else the CPUs divided by --threads)")
+    p.add_argument("--threads", type=_count, default=None,
+                   help="CPU threads per job (this process: torch's threads; Ray: the CPUs of each CPU worker, "
+                        "default 4)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="with a local Ray runtime, start Ray's dashboard (http://127.0.0.1:8265, needs ray[default])")
+
+
+def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> list[tuple[int, JobSpec]]:
+    """(index, JobSpec) of the good lines (job.check_job); bad lines get their error. An existing output
+    is replaced only when this command made it (with other settings), or with --redo."""
+    from .job import check_job
+
+    specs = []
+    for i, job in enumerate(lines):
+        if job.error:
+            continue
+        out: Path = job.values["out"]
+        if out.is_file() and not redo and read_record(out) is None:
+            job.error = (f"out: {out} exists and was not made by this command; move it away, or pass --redo to "
+                         "replace it")
+            continue
+        spec = JobSpec(**job.values, overwrite=out.exists())
+        problems = check_job(spec, settings.models)
+        if problems:
+            job.error = "; ".join(map(str, problems))
+        else:
+            specs.append((i, spec))
+    return specs
+
+
+def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
+    """Run the batch; exit code 0 (every job done or skipped), 1 (a job failed or a line was bad),
+    2 (the jobs file or the models cannot be used, or --strict and a bad line), 130 (Ctrl-C)."""
+    from .job import check_models
+
+    stream = stream or sys.stderr
+
+    def fail(text: str) -> int:
+        print(f"error: {text}", file=stream)
+        return 2
+
+    if args.ray is not None:
+        try:
+            import_ray()
+        except ImportError as e:
+            return fail(str(e))
+    try:
+        lines = read_jobs(args.jobs)
+    except JobsFileError as e:
+        return fail(str(e))
+    check_outputs_distinct(lines)
+    settings = ModelSettings(models=args.models, checkpoint=args.checkpoint,
+                             device="auto" if args.ray is not None and args.device != "cpu" else args.device,
+                             precision=args.precision)
+    identity = not all(j.values.get("no_identity", False) for j in lines if not j.error)
+    problems = check_models(settings, identity=identity)
+    if problems:
+        return fail("\n".join(map(str, problems)))
+    specs = _validate(lines, settings, args.redo)
+    for job in lines:
+        if job.error:
+            print(f"{args.jobs}:{job.line}: {job.error}", file=stream)
+    if args.strict and any(j.error for j in lines):
+        return fail(f"--strict: {sum(bool(j.error) for j in lines)} bad line(s), nothing was run")
+
+    models = models_fingerprint(settings, identity)
+    digests: dict[Path, str] = {}
+
+    def digest(path: Path) -> str:
+        from .job import file_digest
+
+        if path not in digests:
+            digests[path] = file_digest(path)
+        return digests[path]
+
+    entries = [Entry(j.line, str(j.values.get("out", "")), status="invalid" if j.error else "pending",
+                     error=j.error or None) for j in lines]
+    tasks = []
+    for i, spec in specs:
+        record = settings_record(spec, settings.precision, models, digest)
+        if not args.redo and spec.overwrite and read_record(spec.out) == record:
+            entries[i].status = "skipped"
+        else:
+            tasks.append(Task(i, spec, record))
+    report = args.report or args.jobs.with_suffix(".report.json")
+    ledger = Ledger(entries, report, args.jobs, "ray" if args.ray is not None else "embedded", stream)
+    if entries and (skipped := ledger.count("skipped")):
+        ledger.say(f"{skipped} job(s) already done with the same settings (--redo runs them again)")
+    ledger.write_report()
+    stop, reason = threading.Event(), "cancelled by Ctrl-C"
+    try:
+        with _ctrl_c_stops(stop, ledger):
+            if tasks and args.ray is not None:
+                run_ray(ledger, tasks, settings, identity, stop, args.ray or None, args.workers, args.threads or 4,
+                        args.dashboard)
+            elif tasks:
+                if args.threads:
+                    import torch
+
+                    torch.set_num_threads(args.threads)
+                run_embedded(ledger, tasks, settings, identity, stop)
+    except RayStartError as e:
+        reason = str(e)
+        return fail(reason)
+    except BaseException as e:
+        reason = "cancelled by Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"not run: {describe_error(e)}"
+        raise
+    finally:
+        for entry in entries:
+            if entry.status in ("pending", "running"):
+                entry.status, entry.error = "cancelled", reason
+        ledger.write_report()
+    failed = ledger.count("failed", "invalid", "cancelled")
+    ledger.say(f"batch: {ledger.count('done')} done, {ledger.count('skipped')} skipped (already done), "
+               f"{ledger.count('failed', 'invalid')} failed, {ledger.count('cancelled')} cancelled, in "
+               f"{time.monotonic() - ledger.begun:.0f} s; report: {report}")
+    if stop.is_set():
+        return 130
+    return 1 if failed else 0
+
+
+@contextmanager
+def _ctrl_c_stops(stop: threading.Event, ledger: Ledger) -> Iterator[None]:
+    """While inside: the first Ctrl-C stops taking jobs and cancels the running ones at their next step
+    (their mp4 is not written); a second Ctrl-C interrupts at once."""
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        ledger.say("stopping: running jobs end at their next step, no half files are left (Ctrl-C again: at once)")
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
