@@ -106,6 +106,8 @@ class SamplingConfig:
     cache_interval: int = 1  # a full UNet pass every this many steps, shallow passes reusing its deep features between
 
 
+# The samplers `SamplingConfig.scheduler` names (emocast_lib/sampling.py): the released DDIM, then the levers.
+SCHEDULERS = ("ddim", "dpmpp_2m", "uni_pc")
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

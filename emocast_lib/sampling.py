@@ -21,12 +21,11 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from .config import SCHEDULER_CONFIG, SamplingConfig
+from .config import SCHEDULER_CONFIG, SCHEDULERS, SamplingConfig
 from .models import ClipContext, DeepFeatures, DenoisingUNet
 
 OnStep = Callable[[int, int, torch.Tensor], None]
 ShouldStop = Callable[[], bool]
-SCHEDULERS = ("ddim", "dpmpp_2m", "uni_pc")
 # The released noise schedule and timestep placement, shared by every scheduler.
 _SCHEDULE = {k: SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                                               "steps_offset", "prediction_type", "rescale_betas_zero_snr",

@@ -272,3 +272,24 @@ def test_shallow_pass_on_unchanged_features_equals_the_full_pass(net, vae, monke
         assert torch.equal(net.denoising_unet(both, t, ctx, deep), full)
         alone = net.denoising_unet(latents, t, ctx.conditional(), deep)
     torch.testing.assert_close(alone, full[1:], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- where users set them
+
+def test_levers_from_user_values_to_the_sampler():
+    """The CLI options become JobSpec values, and job.sampling_config (CLI, batch and nodes) turns them
+    into the SamplingConfig the sampler reads, or names each bad one before any work."""
+    from emocast_lib.cli import build_parser
+    from emocast_lib.job import JobError, sampling_config
+
+    args = build_parser().parse_args(["generate", "--scheduler", "uni_pc", "--cfg-end", "0.25",
+                                      "--cache-interval", "3"])
+    assert (args.scheduler, args.cfg_end, args.cache_interval) == ("uni_pc", 0.25, 3)
+    defaults = build_parser().parse_args(["generate"])
+    assert (defaults.scheduler, defaults.cfg_end, defaults.cache_interval) == ("ddim", 1.0, 1)
+    base = (40, 3.5, 42, (1.0, 1.0, 1.0), 25, 16)
+    settings = sampling_config(*base, "uni_pc", 0.25, 3)
+    assert (settings.scheduler, settings.cfg_end, settings.cache_interval) == ("uni_pc", 0.25, 3)
+    with pytest.raises(JobError) as bad:
+        sampling_config(*base, "euler", 1.5, 0)
+    assert {p.field for p in bad.value.problems} == {"scheduler", "cfg_end", "cache_interval"}
