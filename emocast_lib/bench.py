@@ -1,9 +1,15 @@
-"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1]`;
+"""Speed and memory benchmark: `python -m emocast_lib.bench --config tiny,long [--runs 3] [--threads 1,2]`;
 on a GPU: `python -m emocast_lib.bench --device cuda --dtype fp16 --config gpu512 [--steps 4]`.
 
-Models are built from the fixtures' fill rule (weights do not change the cost); inputs are random
-tensors of the shapes the preprocessing produces. Each configuration (and each clip count of `long`)
-runs in a fresh child process, because peak RSS is a per-process high-water mark.
+Models are built from the fixtures' fill rule (weights do not change the cost), or loaded from a
+checkpoint file (`--checkpoint`, e.g. one written by `--write-checkpoint`: the load and the first
+touch of the memory-mapped weights are then part of the figures); inputs are random tensors of the
+shapes the preprocessing produces. Each configuration (and each clip count of `long`, and each thread
+count) runs in a fresh child process, because peak RSS is a per-process high-water mark.
+
+Beside the timings every child measures this CPU's float32 GEMM rate at its thread count and counts the
+FLOPs of its first clips (torch's FLOP counter: matrix products, convolutions, attention), so that the
+compute floor of a clip (its FLOPs at that rate) is reported next to its time.
 
 The stages are timed inside the real `iter_clips`: it is handed stand-ins for the network and the VAE
 that pass everything through to the real modules and time each call (projections, face locator,
@@ -22,6 +28,7 @@ import platform
 import re
 import resource
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -39,10 +46,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .checkpoint import CONFIG_KEY, NOTE_KEY, load_net, net_shapes
 from .config import PRECISIONS, REGIONS, SD_VAE, FaceLocatorConfig, NetConfig, SamplingConfig, UNetConfig
 from .fill import fill_tensor
 from .models import EmoCASTNet
 from .pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
+from .sampling import SCHEDULERS, check_settings
 from .tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 
 GB = 1e9
@@ -56,11 +65,26 @@ class BenchConfig:
     frames: int
     steps: int
     clips: tuple[int, ...] = (1,)
+    # The experimental sampling levers (SamplingConfig), released settings by default.
+    scheduler: str = "ddim"
+    cfg_end: float = 1.0
+    cache_interval: int = 1
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(steps=self.steps, frames_per_clip=self.frames, motion_scale=MOTION_SCALE,
+                              scheduler=self.scheduler, cfg_end=self.cfg_end, cache_interval=self.cache_interval)
+
+    def levers(self) -> str:
+        """The levers that differ from the released sampler, e.g. "cfg_end 0.5", or ""."""
+        return ", ".join(f"{k} {getattr(self, k)}" for k in ("scheduler", "cfg_end", "cache_interval")
+                         if getattr(self, k) != getattr(BenchConfig, k))
 
 
 CONFIGS = {
     "tiny": BenchConfig("tiny", "tiny", 128, 4, 3),
-    "real64": BenchConfig("real64", "real", 64, 4, 2),
+    # Two clips: the first computes the source's reference rows once for all of its rows, the second
+    # is what every later clip of a video costs.
+    "real64": BenchConfig("real64", "real", 64, 4, 2, clips=(2,)),
     "real256": BenchConfig("real256", "real", 256, 4, 2),
     "long": BenchConfig("long", "tiny", 128, 4, 3, clips=(1, 4, 16)),
     # The released inference settings (512 px, 16-frame clips, 2 motion frames, 40 steps, CFG): for a GPU.
@@ -73,6 +97,8 @@ REFERENCE = {
     "real64": {"s_per_clip": 26.5, "peak_rss_gb": 10.9, "step": 8.7, "reference_unet": 4.2, "vae_decode": 3.0,
                "vae_encode": 1.0},
 }
+# FLOPs of one reference clip of real64 as counted for issue 12 (6 reference rows, 3 encoded frames; ours differ).
+ISSUE_GFLOP = {"real64": 650.0}
 MOTION_SCALE = (0.9, 1.1, 1.25)  # the fixtures' values; any non-trivial scales cost the same
 CONDITIONING = ("audio_proj", "image_proj", "face_locator", "prepare")
 STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", *CONDITIONING)
@@ -201,26 +227,55 @@ def code_version() -> str | None:
 
 # ----------------------------------------------------------------------------------------------- models
 
-def build_models(model: str, device: torch.device = torch.device("cpu"),
-                 dtype: torch.dtype = torch.float32) -> tuple[EmoCASTNet, Vae, str]:
-    """The network and the VAE with fill-rule weights, on `device` in `dtype`."""
+def build_models(model: str, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                 checkpoint: Path | None = None) -> tuple[EmoCASTNet, Vae, str]:
+    """The network and the VAE on `device` in `dtype`: fill-rule weights, or the network read from
+    `checkpoint` by the library's loader (a float32 .safetensors is memory-mapped on the CPU: its pages
+    are read, and counted in RSS, as they are used)."""
+    vae = filled_vae(TINY_VAE if model == "tiny" else SD_VAE, TINY_SEED)
+    if (device.type, dtype) != ("cpu", torch.float32):  # (diffusers logs a warning on every .to())
+        vae = vae.to(device, dtype)
+    vae = diffusers_vae(vae)
+    if checkpoint is not None:
+        return load_net(checkpoint, dtype=dtype, device=device), vae, f"{checkpoint} (load_net)"
     if model == "tiny":
-        net, vae, weights = filled_net(TINY_NET, TINY_SEED), filled_vae(TINY_VAE, TINY_SEED), "fill rule, seed 1001"
-        net = net.to(device, dtype)
-    else:
-        # Filled one tensor at a time straight into `dtype` on `device`: the released network in fp32
-        # would need 10 GB of host memory first.
-        net = EmoCASTNet(NetConfig(), device="meta")
-        net.load_state_dict({k: fill_tensor(TINY_SEED, k, v.shape).to(device, dtype)
-                             for k, v in net.state_dict().items()}, assign=True)
-        vae = filled_vae(SD_VAE, TINY_SEED)
-        weights = "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE"
-    return net.eval(), diffusers_vae(vae.to(device, dtype)), weights
+        return filled_net(TINY_NET, TINY_SEED).to(device, dtype), vae, "fill rule, seed 1001"
+    # Filled one tensor at a time straight into `dtype` on `device`: the released network in fp32
+    # would need 10 GB of host memory first.
+    net = EmoCASTNet(NetConfig(), device="meta")
+    net.load_state_dict({k: fill_tensor(TINY_SEED, k, v.shape).to(device, dtype)
+                         for k, v in net.state_dict().items()}, assign=True)
+    return net.eval(), vae, "fill rule, seed 1001, meta-device build; sd-vae-ft-mse-shaped VAE"
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:
     """Waits for the device's queued work (CUDA runs asynchronously); nothing to wait for on the CPU."""
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def write_checkpoint(path: Path, config: NetConfig, seed: int = TINY_SEED) -> None:
+    """The fill rule's network of `config` as a float32 .safetensors, one tensor in memory at a time
+    (so the released size needs no 10 GB of RAM); written to a temporary name, then renamed."""
+    shapes = net_shapes(config)
+    header: dict[str, Any] = {"__metadata__": {CONFIG_KEY: config.to_json(), NOTE_KEY: (
+        f"fill rule, seed {seed}: a benchmark stand-in, NOT EmoCAST (its output is noise)")}}
+    sizes = {key: 4 * int(torch.Size(shape).numel()) for key, shape in shapes.items()}
+    order = sorted(shapes, key=lambda key: (sizes[key] % 64 != 0, key))  # odd sizes last: the rest stays aligned
+    offset = 0
+    for key in order:
+        header[key] = {"dtype": "F32", "shape": list(shapes[key]), "data_offsets": [offset, offset + sizes[key]]}
+        offset += sizes[key]
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 64)  # tensors on 64-byte boundaries of the mapping, as torch allocates
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for key in order:
+                f.write(fill_tensor(seed, key, shapes[key]).contiguous().numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -273,6 +328,53 @@ def time_clips(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig,
         calls = len(sw.calls["denoising_unet"])
         wall, cpu = time.perf_counter(), time.process_time()
     return clips
+
+
+# ----------------------------------------------------------------------------------------------- floor
+
+# (rows, inner, outer): a large product, and the small-row products of real64's deep levels with cold weights.
+GEMM_SHAPES = {"large": (4096, 1024, 1024), "real64 32 rows": (32, 1280, 10240), "real64 8 rows": (8, 1280, 1280)}
+
+
+def gemm_rates(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+               seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """This machine's GEMM rate (GFLOP/s, wall and CPU) in `dtype` on `device` at the current thread
+    count, as the model's linear layers compute: `F.linear(x, W)`. Small-row products cycle through
+    256 MB of weights, so that each call reads its weight from memory as the network's deep layers do."""
+    sync = device_sync(device)
+    out = {}
+    for name, (m, k, n) in GEMM_SHAPES.items():
+        count = 1 if m >= 1024 else max(2, 256_000_000 // (4 * k * n))
+        g = torch.Generator().manual_seed(0)
+        weights = [torch.randn(n, k, generator=g).to(device, dtype) for _ in range(count)]
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        torch.nn.functional.linear(x, weights[0])
+        best_wall, best_cpu, calls = float("inf"), float("inf"), 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or calls < 3:
+            sync()
+            w, c = time.perf_counter(), time.process_time()
+            torch.nn.functional.linear(x, weights[calls % count])
+            sync()
+            best_wall, best_cpu = min(best_wall, time.perf_counter() - w), min(best_cpu, time.process_time() - c)
+            calls += 1
+        flop = 2 * m * k * n
+        out[name] = {"wall": flop / best_wall / 1e9, "cpu": flop / max(best_cpu, 1e-9) / 1e9}
+    return out
+
+
+def count_flops(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConfig, clips: int) -> list[float]:
+    """FLOPs of each of the first `clips` clips (matrix products, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    generator = iter_clips(net, vae, inp.portrait, inp.audio, inp.emotion, settings)
+    for _ in range(clips):
+        with FlopCounterMode(display=False) as counter:
+            next(generator)
+        counts.append(float(counter.get_total_flops()))
+    generator.close()
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------- profile
@@ -462,18 +564,18 @@ def tensor_memory(net: EmoCASTNet, vae: Vae, inp: Inputs, settings: SamplingConf
 # ----------------------------------------------------------------------------------------------- child
 
 def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: bool, device: str = "cpu",
-              dtype: str = "fp32", memory: bool = False) -> dict[str, Any]:
-    torch.set_num_threads(threads)
+              dtype: str = "fp32", memory: bool = False, checkpoint: Path | None = None) -> dict[str, Any]:
+    torch.set_num_threads(threads)  # the benchmark's own process: the library never sets it
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    settings = SamplingConfig(steps=bc.steps, frames_per_clip=bc.frames, motion_scale=MOTION_SCALE)
+    settings = bc.sampling()
     if dev.type == "meta":  # nothing runs there to be timed: tensor memory only
         return {"config": asdict(bc) | {"clips": clips}, "threads": threads, "runs": [], "device": "meta",
                 "dtype": dtype, "fps": settings.fps, "motion_frames": settings.motion_frames,
                 "tensor_memory": tensor_memory_meta(bc, settings, PRECISIONS[dtype])}
     rss_start = rss_bytes()
     t0 = time.perf_counter()
-    net, vae, weights = build_models(bc.model, dev, PRECISIONS[dtype])
+    net, vae, weights = build_models(bc.model, dev, PRECISIONS[dtype], checkpoint)
     build = time.perf_counter() - t0
     rss_built = rss_bytes()
     inp = make_inputs(net.config, bc.size, bc.frames, clips)
@@ -492,11 +594,14 @@ def run_child(bc: BenchConfig, clips: int, runs: int, threads: int, profile: boo
            "weights": weights, "build_s": build, "net_bytes": net_bytes,
            "rss_start": rss_start, "rss_built": rss_built, "peak_rss": peak_rss_bytes(), "peak_rss_build": build_peak,
            "peak_rss_inference": hwm_bytes() if hwm_reset else None, "device": str(dev), "dtype": dtype,
-           "fps": settings.fps, "motion_frames": settings.motion_frames}
+           "fps": settings.fps, "motion_frames": settings.motion_frames, "load_average_child": os.getloadavg()}
     if cuda:
         out |= {"gpu": torch.cuda.get_device_name(dev), "vram_built": vram_built,
                 "peak_vram": torch.cuda.max_memory_allocated(dev)}
-    if profile:  # after the peak-RSS reading: the profiler's own memory is not the pipeline's
+    # After the peak-RSS reading: neither the counter nor the GEMM operands belong to the pipeline.
+    out["flops_per_clip"] = count_flops(net, vae, inp, settings, min(clips, 2))
+    out["gemm_gflops"] = gemm_rates(dev, PRECISIONS[dtype])
+    if profile:
         out["profile"] = profiles(net, vae, inp, settings)
     if memory:
         out["tensor_memory"] = tensor_memory(net, vae, inp, settings)
@@ -510,9 +615,15 @@ def _mm(values: list[float]) -> dict[str, float]:
 
 
 def summarize(child: dict[str, Any]) -> dict[str, Any]:
-    """Min/median over every clip of every run: seconds per clip, per stage and per step."""
+    """Min/median over every clip of every run: seconds per clip, per stage and per step; per clip of a
+    run (the first clip of a video does less than the later ones), the best over runs; the compute
+    floor of a clip at the measured GEMM rate."""
     clips = [c for run in child["runs"] for c in run]
+    by_position = [[run[i] for run in child["runs"]] for i in range(len(child["runs"][0]))]
+    best = [min(c["total"] for c in position) for position in by_position]
     s = {"seconds_per_clip": _mm([c["total"] for c in clips]), "cpu_seconds_per_clip": _mm([c["cpu"] for c in clips]),
+         "best_seconds_by_clip": best, "best_cpu_seconds_by_clip": [min(c["cpu"] for c in p) for p in by_position],
+         "mean_best_seconds_per_clip": statistics.fmean(best),
          "stages": {k: _mm([c["stages"][k] for c in clips]) for k in clips[0]["stages"]},
          "stages_cpu": {k: _mm([c["stages_cpu"][k] for c in clips]) for k in clips[0]["stages_cpu"]},
          "step": _mm([t for c in clips for t in c["steps"]]),
@@ -527,12 +638,34 @@ def summarize(child: dict[str, Any]) -> dict[str, Any]:
          "peak_vram_gb": child["peak_vram"] / GB if "peak_vram" in child else None,
          "per_clip_seconds_last_run": [c["total"] for c in child["runs"][-1]],
          "rss_after_clip_gb": [c["rss"] / GB for c in child["runs"][-1] if c["rss"] is not None]}
+    rate = child["gemm_gflops"]["large"]["wall"] * 1e9
+    s["gemm_gflops"] = child["gemm_gflops"]
+    s["gflop_by_clip"] = [f / 1e9 for f in child["flops_per_clip"]]
+    s["floor_seconds_by_clip"] = [f / rate for f in child["flops_per_clip"]]
     name = child["config"]["name"]
-    same_run = child["config"] == asdict(CONFIGS[name]) | {"clips": 1} and child["threads"] == 1
+    if name in ISSUE_GFLOP:
+        s["floor_seconds_issue"] = ISSUE_GFLOP[name] * 1e9 / rate
+    same_run = {k: v for k, v in child["config"].items() if k != "clips"} == {
+        k: v for k, v in asdict(CONFIGS[name]).items() if k != "clips"} and child["threads"] == 1
     if name in REFERENCE and same_run and (child["device"], child["dtype"]) == ("cpu", "fp32"):
+        # The reference costs the same for every clip; ours: the mean of a run's clips (each at its best run).
         s["reference"] = REFERENCE[name]
-        s["speedup_vs_reference"] = REFERENCE[name]["s_per_clip"] / s["seconds_per_clip"]["min"]
+        s["speedup_vs_reference"] = REFERENCE[name]["s_per_clip"] / s["mean_best_seconds_per_clip"]
     return s
+
+
+def thread_scaling(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per configuration and clip count run at several thread counts: the speed-up of each thread count
+    over the lowest one (mean of the best per-clip wall times, measured in the same invocation)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in results:
+        key = f"{r['config']['name']} x{r['config']['clips']}"
+        base = min((q for q in results if f"{q['config']['name']} x{q['config']['clips']}" == key),
+                   key=lambda q: q["threads"])
+        if r is not base:
+            out.setdefault(key, {})[f"{r['threads']} vs {base['threads']}"] = (
+                base["summary"]["mean_best_seconds_per_clip"] / r["summary"]["mean_best_seconds_per_clip"])
+    return out
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -549,27 +682,40 @@ def table(results: list[dict[str, Any]]) -> str:
                                                    ("cpu", "cpu_seconds_per_clip", "stages_cpu", "step_cpu", "median")):
             st = {k: v[stat] for k, v in s[stages].items()}
             ratio = f"{s['speedup_vs_reference']:.2f}x" if kind == "wall" and "speedup_vs_reference" in s else ""
-            per_vsec = s[per_clip][stat] * r["fps"] / c["frames"]
+            seconds = s["mean_best_seconds_per_clip"] if kind == "wall" else s[per_clip][stat]
+            per_vsec = seconds * r["fps"] / c["frames"]
             row = [c["name"], f"{r['device']} {r['dtype']}", c["size"], c["frames"], c["steps"], c["clips"],
-                   r["threads"], kind, s[per_clip][stat], per_vsec, st["reference_unet"], s[step][stat],
+                   r["threads"], kind, seconds, per_vsec, st["reference_unet"], s[step][stat],
                    st["denoising_unet"], st["vae_encode"], st["vae_decode"], st["conditioning"], st["other"],
                    s["peak_rss_gb"], s["peak_rss_inference_gb"] or float("nan"), s["net_gb"],
                    s["peak_vram_gb"] or float("nan"), ratio]
             lines.append("".join(f"{v:{'<' if i == 0 else '>'}{w}{fmt}}"
                                  for i, (v, (_, w, fmt)) in enumerate(zip(row, cols))))
-    lines.append("(wall: min over clips and runs; cpu: median process CPU seconds. Stages are per clip, `step` is one "
+    lines.append("(wall: s/clip is the mean over a run's clips of each clip's best run, stages and step the min over "
+                 "clips and runs; cpu: median process CPU seconds. Stages are per clip, `step` is one "
                  "denoising-UNet call, `cond` = audio/image projections + face locator + prepare, `other` = the rest "
                  "of the clip: guidance, scheduler, glue. s/vsec: seconds per second of video (frames / fps per "
                  "clip). peakGB: process peak RSS (build included); infGB: peak RSS while generating (high-water "
                  "mark reset after the build); netGB: the network's weights; VRAM: torch.cuda.max_memory_allocated "
                  "while generating, weights included)")
     for r in results:
+        levers = BenchConfig(**{**r["config"], "clips": tuple(CONFIGS[r["config"]["name"]].clips)}).levers()
+        s, label = r["summary"], f"{r['config']['name']} x{r['config']['clips']} {r['threads']} thr"
+        label += f" [{levers}]" if levers else ""
         if r["config"]["clips"] > 1:
-            s = r["summary"]
-            lines.append(f"{r['config']['name']} x{r['config']['clips']}: s/clip (last run) "
-                         + " ".join(f"{t:.2f}" for t in s["per_clip_seconds_last_run"]))
-            lines.append(f"{'':>{len(r['config']['name']) + 3}}  RSS GB after each clip "
+            lines.append(f"{label}: s/clip, each clip's best run: "
+                         + " ".join(f"{t:.2f}" for t in s["best_seconds_by_clip"]) + "; CPU s: "
+                         + " ".join(f"{t:.2f}" for t in s["best_cpu_seconds_by_clip"]))
+            lines.append(f"{'':>{len(label)}}  RSS GB after each clip (last run) "
                          + " ".join(f"{g:.3f}" for g in s["rss_after_clip_gb"]))
+        rates = ", ".join(f"{k} {v['wall']:.0f} (CPU {v['cpu']:.0f})" for k, v in s["gemm_gflops"].items())
+        floor = " ".join(f"{g:.1f} GFLOP -> {t:.2f} s" for g, t in zip(s["gflop_by_clip"], s["floor_seconds_by_clip"]))
+        lines.append(f"{label}: float32 GEMM GFLOP/s {rates}; floor per clip at the large rate: {floor}"
+                     + (f"; issue-12 clip ({ISSUE_GFLOP[r['config']['name']]:.0f} GFLOP) -> "
+                        f"{s['floor_seconds_issue']:.2f} s" if "floor_seconds_issue" in s else ""))
+    for key, ratios in thread_scaling(results).items():
+        lines.append(f"{key} thread scaling (same invocation): "
+                     + ", ".join(f"{k} threads {v:.2f}x" for k, v in ratios.items()))
     return "\n".join(lines)
 
 
@@ -617,13 +763,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", action="append", default=None,
                    help=f"configuration(s), repeatable or comma-separated: {', '.join(CONFIGS)} (default tiny)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per configuration (min and median are reported)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--threads", default="1",
+                   help="torch intra-op threads; comma-separated to compare thread counts in one invocation (1,2)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="load the released-width network from this file (e.g. a float32 .safetensors, memory-mapped) "
+                        "instead of building it by the fill rule: loading and first use of the weights are measured")
+    p.add_argument("--write-checkpoint", type=Path, metavar="PATH",
+                   help="write the fill rule's released-width network to PATH (float32 .safetensors, 10 GB) and exit")
     p.add_argument("--device", default="cpu",
                    help="where the models run: cpu (default), cuda or cuda:N; meta: count --tensor-memory only, "
                         "at any size, without computing")
     p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32",
                    help="precision of the network and the VAE (default fp32)")
     p.add_argument("--steps", type=int, help="override the denoising steps of every configuration")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="experimental lever: the sampler (default ddim, released)")
+    p.add_argument("--cfg-end", type=float, help="experimental lever: guidance for this fraction of the steps only")
+    p.add_argument("--cache-interval", type=int,
+                   help="experimental lever: a full UNet pass every N steps, shallow passes in between (DeepCache)")
     p.add_argument("--frames", type=int, help="override the frames per clip")
     p.add_argument("--size", type=int, help="override the pixel size (multiple of 64)")
     p.add_argument("--clips", help="override the clip counts of `long`, comma-separated (e.g. 1,4,16)")
@@ -638,6 +794,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.size is not None and args.size % 64:
         p.error(f"--size {args.size} is not a multiple of 64 (the latent grid must halve three times)")
     try:
+        args.threads = [int(t) for t in str(args.threads).split(",")]
+    except ValueError:
+        p.error(f"--threads {args.threads}: give thread counts such as 1 or 1,2")
+    try:
+        check_settings(SamplingConfig(**{k: getattr(args, k) for k in ("scheduler", "cfg_end", "cache_interval")
+                                         if getattr(args, k) is not None}))
+    except ValueError as e:
+        p.error(str(e))
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        p.error(f"--checkpoint {args.checkpoint}: no such file (write one with --write-checkpoint PATH)")
+    try:
         torch.device(args.device)
     except RuntimeError:
         p.error(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N")
@@ -646,24 +813,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# BenchConfig fields the command line can set.
+LEVERS = ("steps", "frames", "size", "scheduler", "cfg_end", "cache_interval")
+
+
 def resolve(name: str, args: argparse.Namespace) -> BenchConfig:
     bc = CONFIGS[name]
-    over = {k: v for k, v in (("steps", args.steps), ("frames", args.frames), ("size", args.size)) if v is not None}
+    over = {k: getattr(args, k) for k in LEVERS if getattr(args, k) is not None}
     if args.clips and bc.clips != (1,):
         over["clips"] = tuple(int(c) for c in args.clips.split(","))
     return replace(bc, **over)
 
 
-def spawn(name: str, clips: int, args: argparse.Namespace) -> dict[str, Any]:
+def spawn(name: str, clips: int, threads: int, args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in a fresh interpreter, so its peak RSS is its own."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, "-m", "emocast_lib.bench", "--child", "--config", name, "--child-clips", str(clips),
-               "--runs", str(args.runs), "--threads", str(args.threads), "--device", args.device, "--dtype",
+               "--runs", str(args.runs), "--threads", str(threads), "--device", args.device, "--dtype",
                args.dtype, "--json", str(out)]
-        for flag in ("steps", "frames", "size"):
+        for flag in LEVERS:
             if getattr(args, flag) is not None:
-                cmd += [f"--{flag}", str(getattr(args, flag))]
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.checkpoint is not None and CONFIGS[name].model == "real":
+            cmd += ["--checkpoint", str(args.checkpoint.resolve())]
         cmd += ["--profile"] * args.profile + ["--tensor-memory"] * args.tensor_memory
         root = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
@@ -678,6 +851,10 @@ def spawn(name: str, clips: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.write_checkpoint is not None:
+        write_checkpoint(args.write_checkpoint, NetConfig())
+        print(f"wrote {args.write_checkpoint}: the fill rule's released-width network (a benchmark stand-in)")
+        return
     names = _configs(args.config or ["tiny"])
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device}: this PyTorch ({torch.__version__}) sees no CUDA GPU; run the GPU "
@@ -686,17 +863,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if args.child:
         bc = resolve(names[0], args)
-        args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads, args.profile,
-                                                  args.device, args.dtype, args.tensor_memory)))
+        args.json.write_text(json.dumps(run_child(bc, args.child_clips, args.runs, args.threads[0], args.profile,
+                                                  args.device, args.dtype, args.tensor_memory, args.checkpoint)))
         return
     results = []
     for name in names:
         for clips in resolve(name, args).clips:
-            child = spawn(name, clips, args)
-            child["summary"] = summarize(child) if child["runs"] else None
-            results.append(child)
+            for threads in args.threads:
+                child = spawn(name, clips, threads, args)
+                child["summary"] = summarize(child) if child["runs"] else None
+                results.append(child)
     report = {"machine": machine_info() | {"threads": args.threads, "device": args.device, "dtype": args.dtype},
-              "code": code_version(), "command": sys.argv, "results": results}
+              "code": code_version(), "command": sys.argv, "results": results,
+              "thread_scaling": thread_scaling([r for r in results if r["summary"]])}
     args.json.write_text(json.dumps(report, indent=1))
     if any(r["summary"] for r in results):
         print(table([r for r in results if r["summary"]]))
@@ -706,8 +885,9 @@ def main(argv: list[str] | None = None) -> None:
         print(memory_table(results))
     load = ", ".join(f"{x:.1f}" for x in report["machine"]["load_average"])
     gpu = f", GPU {report['machine']['gpu']}" if torch.device(args.device).type == "cuda" else ""
+    threads = ",".join(map(str, args.threads))
     print(f"\ncode {report['code']}; {report['machine']['cpu_count']} CPUs{gpu}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), load average {load} (wall times are inflated when it exceeds the threads); "
+          f"{threads} thread(s), load average {load} (wall times are inflated when it exceeds the threads); "
           f"results in {args.json}")
 
 

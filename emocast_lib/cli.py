@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dataclasses import fields
 
     from .audio import MAX_SECONDS
-    from .config import SamplingConfig
+    from .config import SCHEDULERS, SamplingConfig
     from .job import CROP_MODES, MAX_PROMPT_TOKENS, PASTE_MAX_SIDE, JobSpec
 
     default = {f.name: f.default for f in fields(JobSpec)}
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     number("--face-weight", float, "audio strength on expression")
     number("--lip-weight", float, "audio strength on lip motion")
     number("--expand-ratio", float, "face box expansion for the masks")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=default["scheduler"],
+                   help="experimental speed lever: the sampler; ddim is the released one, dpmpp_2m and uni_pc aim at "
+                        "its result in fewer --steps (judge the output yourself)")
+    number("--cfg-end", float, "experimental speed lever: guidance for this fraction of the steps only, the rest "
+                               "runs half the batch (1 = released)")
+    number("--cache-interval", int, "experimental speed lever: a full network pass every N steps, DeepCache reuse "
+                                    "of its deep features in between (1 = released)")
     g.add_argument("--crop", choices=CROP_MODES, default=default["crop"],
                    help="auto: a square crop around the face when the photo is not square; face: always crop; "
                         "none: use the photo whole (it must be square)")
@@ -213,7 +220,8 @@ def generate(args: argparse.Namespace) -> int:
                    lip_weight=args.lip_weight, fps=args.fps, clip_length=args.clip_length,
                    expand_ratio=args.expand_ratio, crop=args.crop, crop_scale=args.crop_scale,
                    paste_back=args.paste_back, no_identity=args.no_identity, truncate_prompt=args.truncate_prompt,
-                   vocal_separation=args.vocal_separation, overwrite=args.overwrite)
+                   vocal_separation=args.vocal_separation, overwrite=args.overwrite, scheduler=args.scheduler,
+                   cfg_end=args.cfg_end, cache_interval=args.cache_interval)
     settings = ModelSettings(models=args.models, checkpoint=args.checkpoint, device=args.device,
                              precision=args.precision)
     problems = check_models(settings, identity=not spec.no_identity) + check_job(spec, settings.models)

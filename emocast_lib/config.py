@@ -100,8 +100,14 @@ class SamplingConfig:
     motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  # full (pose), face, lip
     latent_scale: float = LATENT_SCALE
     seed: int = 42
+    # Experimental speed levers, off by default (they change the numerics; emocast_lib/sampling.py):
+    scheduler: str = "ddim"  # "ddim" (released), "dpmpp_2m", "uni_pc"
+    cfg_end: float = 1.0  # guidance for this fraction of the steps, then the conditional half alone
+    cache_interval: int = 1  # a full UNet pass every this many steps, shallow passes reusing its deep features between
 
 
+# The samplers `SamplingConfig.scheduler` names (emocast_lib/sampling.py): the released DDIM, then the levers.
+SCHEDULERS = ("ddim", "dpmpp_2m", "uni_pc")
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

@@ -39,15 +39,16 @@ from typing import Any, Callable, Hashable, Iterator
 import numpy as np
 
 from . import layout
-from .config import DEFAULT_EMOTION, SamplingConfig
+from .config import DEFAULT_EMOTION, SCHEDULERS, SamplingConfig
 
 # Accepted values of the user settings: (low, high), inclusive. The nodes' widgets use the same ranges.
 LIMITS: dict[str, tuple[float, float]] = {
     "steps": (1, 200), "cfg": (0.0, 20.0), "seed": (0, 2**64 - 1), "pose_weight": (0.0, 3.0),
     "face_weight": (0.0, 3.0), "lip_weight": (0.0, 3.0), "fps": (1, 60), "clip_length": (4, 32),
     "expand_ratio": (1.0, 2.0), "crop_scale": (1.2, 4.0), "crossfade": (0.0, 10.0),
+    "cfg_end": (0.0, 1.0), "cache_interval": (1, 10),
 }
-INTEGERS = ("steps", "seed", "fps", "clip_length")
+INTEGERS = ("steps", "seed", "fps", "clip_length", "cache_interval")
 CROP_MODES = ("auto", "face", "none")
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 MIN_PHOTO_SIDE = 64
@@ -91,6 +92,10 @@ class JobSpec:
     truncate_prompt: bool = False  # drop trailing words of a prompt over 75 tokens instead of refusing it
     vocal_separation: bool = False  # separate the voice first (audio-separator); the mp4 keeps the input sound
     overwrite: bool = False  # replace an existing `out`
+    # Experimental speed levers (README "Speed and memory"); the defaults are the released sampler.
+    scheduler: str = SamplingConfig.scheduler  # one of config.SCHEDULERS
+    cfg_end: float = SamplingConfig.cfg_end  # guidance for this fraction of the steps only
+    cache_interval: int = SamplingConfig.cache_interval  # a full UNet pass every N steps (DeepCache between)
 
 
 @dataclass(frozen=True)
@@ -160,15 +165,25 @@ def value_problems(**values: Any) -> list[Problem]:
 
 
 def sampling_config(steps: int, cfg: float, seed: int, weights: tuple[float, float, float], fps: int,
-                    clip_length: int) -> SamplingConfig:
+                    clip_length: int, scheduler: str = SamplingConfig.scheduler,
+                    cfg_end: float = SamplingConfig.cfg_end,
+                    cache_interval: int = SamplingConfig.cache_interval) -> SamplingConfig:
     """The one place user values become a SamplingConfig (CLI, batch and the sampler node); raises
     JobError naming each bad value."""
     problems = value_problems(steps=steps, cfg=cfg, seed=seed, pose_weight=weights[0], face_weight=weights[1],
-                              lip_weight=weights[2], fps=fps, clip_length=clip_length)
+                              lip_weight=weights[2], fps=fps, clip_length=clip_length, cfg_end=cfg_end,
+                              cache_interval=cache_interval) + scheduler_problems(scheduler)
     if problems:
         raise JobError(problems)
     return SamplingConfig(steps=int(steps), cfg_scale=float(cfg), frames_per_clip=int(clip_length), fps=int(fps),
-                          motion_scale=tuple(float(w) for w in weights), seed=int(seed))
+                          motion_scale=tuple(float(w) for w in weights), seed=int(seed), scheduler=scheduler,
+                          cfg_end=float(cfg_end), cache_interval=int(cache_interval))
+
+
+def scheduler_problems(scheduler: str) -> list[Problem]:
+    if scheduler in SCHEDULERS:
+        return []
+    return [Problem("scheduler", f"{scheduler!r} is not a scheduler; use {', '.join(SCHEDULERS)}")]
 
 
 def prompt_problem(text: str, tokens: int | None, truncate: bool) -> str | None:
@@ -442,6 +457,7 @@ def check_job(spec: JobSpec, models_dir: str | Path) -> list[Problem]:
         problems += value_problems(steps=spec.steps)
     if spec.crop not in CROP_MODES:
         problems.append(Problem("crop", f"{spec.crop!r} is not a crop mode; use {', '.join(CROP_MODES)}"))
+    problems += scheduler_problems(spec.scheduler)
     problems += _emotion_problems(spec)
     problems += _photo_problems(spec, Path(models_dir))
     try:
@@ -894,7 +910,7 @@ def run_job(session: Session, spec: JobSpec, on_progress: OnProgress | None = No
             source = "the step count the checkpoint declares" if session.declared_steps else "the released default"
             say(Progress("prepare", f"{steps} denoising steps per clip ({source}; --steps changes it)"))
         settings = sampling_config(steps, spec.cfg, spec.seed, (spec.pose_weight, spec.face_weight, spec.lip_weight),
-                                   spec.fps, spec.clip_length)
+                                   spec.fps, spec.clip_length, spec.scheduler, spec.cfg_end, spec.cache_interval)
         prepared = session.portrait(spec)
         say(Progress("prepare", f"portrait: {prepared.note}"))
         feats = session.features(spec, lambda: _speech_16k(spec, session, wave, rate))

@@ -14,7 +14,7 @@ import torch
 
 from .config import REGIONS, SamplingConfig
 from .models import ClipConditioning, EmoCASTNet
-from .sampling import OnStep, ShouldStop, denoise_clip
+from .sampling import OnStep, ShouldStop, check_settings, denoise_clip
 
 
 @dataclass
@@ -94,6 +94,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
     `settings.seed` draws them in turn, as the released script does with its global generator.
     The network computes on `device` in `dtype`, by default those of its weights (casting layers,
     e.g. ComfyUI's, may keep their weights elsewhere and in another dtype)."""
+    check_settings(settings)
     p = next(net.parameters())
     device, dtype = torch.device(device or p.device), dtype or p.dtype
     f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
@@ -119,6 +120,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
     face = torch.cat([torch.zeros_like(feats), feats])  # (2, C0, f, h, w)
     masks = {r: [lvl.to(device, dtype).reshape(1, -1).expand(2 * f, -1) for lvl in portrait.masks[r]] for r in REGIONS}
 
+    reference = ReferenceBank(net, vae, src, m, scale, device, dtype)
     prev: torch.Tensor | None = None
     for clip in range(total // f):
         frames = slice(clip * f, (clip + 1) * f)
@@ -127,22 +129,62 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
         text = torch.cat([uncond_text.expand(f, -1, -1), clip_emo])  # (2f, 77, D)
         context = torch.cat([text, image_tokens.repeat_interleave(f, 0)], dim=1)  # (2f, 81, D)
         # The reference pass sees one emotion per clip: the clip's middle frame.
-        ref_context = context[f // 2 :: f]  # rows f // 2 and f + f // 2
-        ref_frames = torch.stack([src] * (1 + m)) if prev is None else torch.cat([src[None], prev[-m:]])
-        ref_latents = vae.encode(ref_frames) * scale
-        bank = net.reference_unet(ref_latents.to(device, dtype).repeat(2, 1, 1, 1), ref_context)
+        bank = reference(None if prev is None else prev[-m:], context[f // 2 :: f])  # rows f // 2, f + f // 2
         cond = ClipConditioning(context=_collapse(context, f), face_features=face,
                                 audio=torch.cat([torch.zeros_like(tokens), tokens]),
                                 emotion=torch.cat([clip_emo, clip_emo]), masks=masks,
                                 motion_scale=settings.motion_scale)
         ctx = net.denoising_unet.prepare(cond, bank)
         latents = draw(clip).to(device, dtype)
-        latents = denoise_clip(net.denoising_unet, ctx, latents, settings.steps, settings.cfg_scale, clip,
-                               on_step, should_stop)
+        latents = denoise_clip(net.denoising_unet, ctx, latents, settings, clip, on_step, should_stop)
         video = decode_frames(vae, latents[0].transpose(0, 1) / scale)  # (f, 3, H, W) in [0, 1]
-        prev = video.to(device, dtype) * 2 - 1
+        prev = video[-m:].to(device, dtype) * 2 - 1
         keep = min(f, audio.length - clip * f)
         yield ClipResult(clip, video[:keep].float().cpu(), latents[:, :, :keep].float().cpu())
+
+
+class ReferenceBank:
+    """The reference UNet's features of each clip, in the released row layout: rows [source, motion
+    frames] twice, row i paired with context row i mod 2 (uncond, cond).
+
+    The source portrait is encoded once per video, and its rows (the source under both contexts) are
+    computed once per reference context, i.e. once per video with one emotion prompt: they are the
+    same calls on the same inputs in every clip, so reusing them changes no bit. Each clip then encodes
+    and runs only its motion frames; the first clip, whose motion frames are the source, runs neither."""
+
+    def __init__(self, net: EmoCASTNet, vae: Vae, source: torch.Tensor, motion_frames: int, scale: float,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """`device`/`dtype`: where and in what the network computes (default: those of its weights)."""
+        self.net, self.vae, self.scale = net, vae, scale
+        p = next(net.parameters())
+        self.latent = (vae.encode(source[None]) * scale).to(device or p.device, dtype or p.dtype)  # (1, 4, h, w)
+        self.rows = [(i % (1 + motion_frames), i % 2) for i in range(2 * (1 + motion_frames))]  # (frame, context)
+        self.context: torch.Tensor | None = None
+        self.source: dict[str, torch.Tensor] = {}  # source under context 0 and 1: (2, L, C)
+
+    def __call__(self, motion: torch.Tensor | None, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        """motion (m, 3, H, W) pixels in [-1, 1], None for the first clip; context (2, N, D)."""
+        if self.context is None or not torch.equal(self.context, context):
+            self.source = self.net.reference_unet(self.latent.expand(2, -1, -1, -1), context)
+            self.context = context
+        if motion is None:
+            return {k: _rows(v, [c for _, c in self.rows]) for k, v in self.source.items()}
+        # The motion rows, each (frame, context) pair once, alternating contexts as the UNet pairs rows
+        # (a side with fewer pairs is padded with a spare row, dropped after).
+        pairs = sorted({r for r in self.rows if r[0] > 0})
+        sides = [[j for j, c in pairs if c == ctx] for ctx in (0, 1)]
+        n = max(map(len, sides))
+        sides = [side + [pairs[0][0]] * (n - len(side)) for side in sides]
+        order = [(side[k], ctx) for k in range(n) for ctx, side in enumerate(sides)]
+        latents = (self.vae.encode(motion) * self.scale).to(self.latent)
+        out = self.net.reference_unet(_rows(latents, [j - 1 for j, _ in order]), context)
+        index = [c if j == 0 else 2 + order.index((j, c)) for j, c in self.rows]
+        return {k: _rows(torch.cat([self.source[k], v]), index) for k, v in out.items()}
+
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t[index] for a short list of rows, without an index tensor (none is made on another device)."""
+    return torch.stack([t[i] for i in index])
 
 
 def _collapse(context: torch.Tensor, f: int) -> torch.Tensor:

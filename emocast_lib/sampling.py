@@ -1,27 +1,71 @@
 """The released sampler: DDIM (v-prediction, zero-terminal-SNR, trailing timesteps) with
-classifier-free guidance, one 16-frame clip at a time."""
+classifier-free guidance, one 16-frame clip at a time; and the experimental speed levers.
+
+Levers (off by default, each changes the result, judge them on real weights; README "Speed and memory"):
+* `scheduler`: DPM-Solver++ 2M or UniPC (diffusers) with the released noise schedule, so that fewer
+  steps approach the 40-step DDIM result. Both take zero-terminal-SNR betas (the last alpha_cumprod is
+  clamped to 2**-24 so the first sigma is finite), trailing timesteps (the first step starts at t=999
+  like DDIM) and end on sigma 0 (`final_sigmas_type="zero"`, the last step returns the predicted clean
+  latents like DDIM's `set_alpha_to_one`), with a first-order final step.
+* `cfg_end`: guidance for the first fraction of the steps only; later steps run the conditional half
+  alone (a batch of f frames instead of 2f).
+* `cache_interval`: DeepCache-style reuse (models/unet.py `DeepFeatures`): a full UNet pass every
+  `cache_interval` steps; the steps between run the first level only, on the deep features of the last
+  full pass.
+"""
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections.abc import Callable
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from .config import SCHEDULER_CONFIG
-from .models import ClipContext, DenoisingUNet
+from .config import SCHEDULER_CONFIG, SCHEDULERS, SamplingConfig
+from .models import ClipContext, DeepFeatures, DenoisingUNet
 
 OnStep = Callable[[int, int, torch.Tensor], None]
 ShouldStop = Callable[[], bool]
+# The released noise schedule and timestep placement, shared by every scheduler.
+_SCHEDULE = {k: SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                              "steps_offset", "prediction_type", "rescale_betas_zero_snr",
+                                              "timestep_spacing")}
 
 
 class GenerationCancelled(RuntimeError):
     """Raised between denoising steps when `should_stop()` answers True."""
 
 
-def make_scheduler(steps: int) -> DDIMScheduler:
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+def check_settings(settings: SamplingConfig) -> None:
+    """Reject unknown lever values before any work (one line: which setting, what is wrong, what to do)."""
+    if settings.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler: {settings.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    if not 0.0 <= settings.cfg_end <= 1.0:
+        raise ValueError(f"cfg_end: {settings.cfg_end} is not a fraction of the steps; give a value from 0 to 1 "
+                         "(1 = guidance on every step, as released)")
+    if settings.cache_interval < 1:
+        raise ValueError(f"cache_interval: {settings.cache_interval} is below 1; give 1 (a full pass every step, "
+                         "as released) or more")
+
+
+def make_scheduler(steps: int, name: str = "ddim"):
+    if name == "ddim":
+        scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
+    elif name == "dpmpp_2m":
+        scheduler = DPMSolverMultistepScheduler(**_SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                                final_sigmas_type="zero")
+    elif name == "uni_pc":
+        scheduler = UniPCMultistepScheduler(**_SCHEDULE, solver_order=2, predict_x0=True, solver_type="bh2",
+                                            final_sigmas_type="zero")
+    else:
+        raise ValueError(f"scheduler: {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def guided_steps(steps: int, cfg_end: float) -> int:
+    """How many of the first steps run with guidance (`cfg_end` is a fraction of the steps, 0 to 1)."""
+    return math.ceil(round(cfg_end * steps, 6))
 
 
 def guide(out: torch.Tensor, scale: float) -> torch.Tensor:
@@ -31,16 +75,24 @@ def guide(out: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def denoise_clip(unet: DenoisingUNet, ctx: ClipContext, latents: torch.Tensor, steps: int, cfg_scale: float,
+def denoise_clip(unet: DenoisingUNet, ctx: ClipContext, latents: torch.Tensor, settings: SamplingConfig,
                  clip: int = 0, on_step: OnStep | None = None, should_stop: ShouldStop | None = None) -> torch.Tensor:
-    """Run every DDIM step on one clip. latents (1, 4, f, h, w) is the initial noise (DDIM's
-    initial sigma is 1); `on_step(clip, step, latents)` follows every step."""
-    scheduler = make_scheduler(steps)
+    """Run every step on one clip. latents (1, 4, f, h, w) is the initial noise (the initial sigma of
+    every scheduler here is 1); `on_step(clip, step, latents)` follows every step."""
+    scheduler = make_scheduler(settings.steps, settings.scheduler)
+    guided = guided_steps(settings.steps, settings.cfg_end)
+    cond_ctx = ctx.conditional() if guided < settings.steps else None
+    deep = DeepFeatures() if settings.cache_interval > 1 else None
     for i, t in enumerate(scheduler.timesteps):
         if should_stop is not None and should_stop():
             raise GenerationCancelled(f"cancelled at clip {clip}, step {i}")
-        pred = guide(unet(torch.cat([latents, latents]), t, ctx), cfg_scale)
-        latents = scheduler.step(pred, t, latents, eta=0.0).prev_sample
+        if deep is not None and i % settings.cache_interval == 0:
+            deep.features = None  # a full pass, which keeps the deep features for the next steps
+        if i < guided:
+            pred = guide(unet(torch.cat([latents, latents]), t, ctx, deep), settings.cfg_scale)
+        else:
+            pred = unet(latents, t, cond_ctx, deep)
+        latents = scheduler.step(pred, t, latents).prev_sample
         if on_step is not None:
             on_step(clip, i, latents)
     return latents

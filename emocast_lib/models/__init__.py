@@ -1,4 +1,4 @@
 from .net import EmoCASTNet
-from .unet import ClipConditioning, ClipContext, DenoisingUNet, ReferenceUNet
+from .unet import ClipConditioning, ClipContext, DeepFeatures, DenoisingUNet, ReferenceUNet
 
-__all__ = ["EmoCASTNet", "ClipConditioning", "ClipContext", "DenoisingUNet", "ReferenceUNet"]
+__all__ = ["EmoCASTNet", "ClipConditioning", "ClipContext", "DeepFeatures", "DenoisingUNet", "ReferenceUNet"]

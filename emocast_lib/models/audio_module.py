@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import REGIONS
 from .attention import Attention, FeedForward, attend
 from .blocks import pointwise, to_grid, to_tokens
-from .ops import TorchOps, own_weights
+from .ops import TorchOps, linear, own_weights
 
 
 class AudioBlock(nn.Module):
@@ -65,7 +64,7 @@ class AudioBlock(nn.Module):
         regions = self._regions()
         fixed = ctx["fixed"]
         rows = n2[len(fixed):]
-        q = F.linear(rows, ctx["q"]) if ctx["q"] is not None else torch.cat([a.to_q(rows) for a in regions], dim=-1)
+        q = linear(rows, ctx["q"], None) if ctx["q"] is not None else torch.cat([a.to_q(rows) for a in regions], dim=-1)
         att = attend(q, ctx["k"], ctx["v"], regions[0].heads * len(regions))
         att = torch.cat([fixed[:, None].expand(-1, x.shape[1], -1), att])
         out = x

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import KV, Attention, DecoupledCrossAttention, FeedForward, attend
-from .ops import TorchOps, own_weights
+from .ops import TorchOps, linear, own_weights
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     weight, bias = own
     k, s, p = conv.kernel_size, conv.stride, conv.padding
     if h == w == 1 and s == (1, 1) and p == (k[0] // 2, k[1] // 2):
-        return F.linear(x.flatten(1), _centre(conv, weight), bias)[:, :, None, None]
+        return linear(x.flatten(1), _centre(conv, weight), bias)[:, :, None, None]
     cols = F.unfold(x, k, conv.dilation, p, s)  # (n, cin*kh*kw, L)
     oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
     y = weight.flatten(1) @ cols.transpose(0, 1).reshape(cols.shape[1], -1)
@@ -117,7 +117,7 @@ def pointwise(conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
     own = own_weights(conv)
     if own is None:  # a casting layer computes itself, on a (B, C, L, 1) grid
         return conv(t.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)
-    return F.linear(t, own[0].flatten(1), own[1])
+    return linear(t, own[0].flatten(1), own[1])
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -150,18 +150,21 @@ class TransformerBlock(nn.Module):
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x)), n
 
-    def read(self, x: torch.Tensor, ref_kv: KV, cross_kv) -> torch.Tensor:
-        """Denoising pass. Rows are [uncond frames, cond frames]. The unconditional half attends to
-        itself only; conditional row j also attends to the reference-frame features of CFG half
-        `j mod 2` (`ref_kv`, 2 rows) — the released row-parity pairing, kept for parity."""
+    def read(self, x: torch.Tensor, ref_kv: KV, cross_kv, uncond: int) -> torch.Tensor:
+        """Denoising pass. Rows are [uncond frames (the first `uncond` rows: all or none of them), cond
+        frames]. The unconditional half attends to itself only; conditional frame j (row f + j of the
+        full CFG batch) also attends to the reference-frame features of CFG half `(f + j) mod 2`
+        (`ref_kv`, 2 rows) — the released row-parity pairing, kept for parity."""
         n = self.norm1(x)
         a = self.attn1
         q, k, v = a.to_q(n), a.to_k(n), a.to_v(n)
-        f = x.shape[0] // 2
+        u, f = uncond, x.shape[0] - uncond
         parity = torch.arange(f, 2 * f, device=x.device) % 2
-        kc = torch.cat([k[f:], ref_kv[0][parity]], dim=1)
-        vc = torch.cat([v[f:], ref_kv[1][parity]], dim=1)
-        out = torch.cat([attend(q[:f], k[:f], v[:f], a.heads), attend(q[f:], kc, vc, a.heads)])
+        kc = torch.cat([k[u:], ref_kv[0][parity]], dim=1)
+        vc = torch.cat([v[u:], ref_kv[1][parity]], dim=1)
+        out = attend(q[u:], kc, vc, a.heads)
+        if u:
+            out = torch.cat([attend(q[:u], k[:u], v[:u], a.heads), out])
         x = x + a.to_out[0](out)
         x = x + self.attn2(self.norm2(x), kv=cross_kv)
         return x + self.ff(self.norm3(x))
@@ -190,9 +193,9 @@ class SpatialTransformer(nn.Module):
         """Reference pass: the output and the block's normed input (the reference feature)."""
         return self._wrap(x, lambda t: self.transformer_blocks[0].write(t, context))
 
-    def forward(self, x: torch.Tensor, ref_kv: KV, cross_kv) -> torch.Tensor:
-        """Denoising pass (`TransformerBlock.read`)."""
-        return self._wrap(x, lambda t: (self.transformer_blocks[0].read(t, ref_kv, cross_kv), None))[0]
+    def forward(self, x: torch.Tensor, ref_kv: KV, cross_kv, uncond: int) -> torch.Tensor:
+        """Denoising pass (`TransformerBlock.read`); the first `uncond` rows are the unconditional half."""
+        return self._wrap(x, lambda t: (self.transformer_blocks[0].read(t, ref_kv, cross_kv, uncond), None))[0]
 
 
 class Stage(nn.Module):
@@ -219,17 +222,18 @@ class Stage(nn.Module):
         return None if samplers is None else samplers[0]
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, skips: list[torch.Tensor],
-                after: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                after: Callable[[int, torch.Tensor], torch.Tensor], sample: bool = True) -> torch.Tensor:
         """SD's skip connections: a down stage appends the output of each resnet (with what follows it)
         and of its sampler to `skips`; an up stage joins the last of them to each resnet's input.
-        `after(j, x)` runs what follows resnet j (it differs between the two UNets)."""
+        `after(j, x)` runs what follows resnet j (it differs between the two UNets). `sample=False`
+        leaves the sampler out (its output only feeds deeper stages)."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1) if self.kind == "up" else x, temb)
             if j < len(self.attentions):  # the mid stage: resnet, attention, resnet
                 x = after(j, x)
             if self.kind == "down":
                 skips.append(x)
-        if self.sampler is not None:
+        if self.sampler is not None and sample:
             x = self.sampler(x)
             if self.kind == "down":
                 skips.append(x)

@@ -112,11 +112,22 @@ class _UNet(nn.Module):
         for i, st in enumerate(self.up_blocks):
             yield f"up_blocks.{i}", st, n - 1 - i
 
-    def _run(self, x: torch.Tensor, temb: torch.Tensor, after: Callable) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, temb: torch.Tensor, after: Callable, deep: DeepFeatures | None = None,
+             ) -> torch.Tensor:
         """Down, mid and up stages with SD's skips; `after(path, stage, level, j, x)` runs what follows
-        resnet j of a stage with attentions (it differs between the two UNets)."""
+        resnet j of a stage with attentions (it differs between the two UNets). With `deep` (see
+        `DeepFeatures`) a full pass keeps the input of the last up stage, a shallow pass reuses it."""
         skips = [x]
-        for path, st, level in self._stages():
+        stages = list(self._stages())
+        if deep is not None and deep.features is not None:
+            # Shallow pass: the first down stage (its sampler only feeds the deep stages), then the last
+            # up stage on the reused deep features, joined with this pass's shallow skips.
+            (p0, s0, l0), (p1, s1, l1) = stages[0], stages[-1]
+            s0(x, temb, skips, partial(after, p0, s0, l0), sample=False)
+            return s1(deep.rows(x.shape[0]), temb, skips, partial(after, p1, s1, l1))
+        for k, (path, st, level) in enumerate(stages):
+            if deep is not None and k == len(stages) - 1:
+                deep.features = x
             x = st(x, temb, skips, partial(after, path, st, level))
         return x
 
@@ -161,12 +172,46 @@ class ClipConditioning:
 
 @dataclass
 class ClipContext:
-    """Everything the denoising UNet needs that does not change between steps of one clip."""
+    """Everything the denoising UNet needs that does not change between steps of one clip. Rows are
+    [uncond frames, cond frames] (`guided`), or the cond frames alone (`conditional()`)."""
 
     face: torch.Tensor  # (2f, C0, h, w)
     layers: dict[str, dict]
     masks: list[list[torch.Tensor]]  # per level: [full, face, lip]
     scales: tuple[float, float, float]
+    guided: bool = True
+
+    def conditional(self) -> ClipContext:
+        """The context of the conditional half alone, for steps without guidance (half the batch)."""
+        f = self.face.shape[0] // 2
+
+        def cond(t: torch.Tensor) -> torch.Tensor:  # rows are one per CFG half, or one per frame of each
+            return t[t.shape[0] // 2:]
+
+        def audio(kv: dict) -> dict:  # the first rows are `fixed` (see AudioBlock.prepare), then k/v rows
+            fixed = len(kv["fixed"])
+            return kv | {"fixed": kv["fixed"][f:], "k": kv["k"][max(f - fixed, 0):], "v": kv["v"][max(f - fixed, 0):]}
+
+        layers = {key: lc | {"cross_kv": tuple((cond(k), cond(v)) for k, v in lc["cross_kv"]),
+                             "motion": cond(lc["motion"]), "audio_kv": audio(lc["audio_kv"])}
+                  for key, lc in self.layers.items()}
+        return ClipContext(self.face[f:], layers, [[m[f:] for m in level] for level in self.masks], self.scales,
+                           guided=False)
+
+
+@dataclass
+class DeepFeatures:
+    """DeepCache-style reuse across adjacent steps (Ma et al. 2023): the input of the denoising UNet's
+    last up stage, i.e. everything below the first level, kept by a full pass (`features` None) and
+    reused by shallow passes (`features` set), which run only the first down stage and the last up stage."""
+
+    features: torch.Tensor | None = None
+
+    def rows(self, n: int) -> torch.Tensor:
+        """The kept features for a batch of `n` rows: all of them, or the conditional half of a
+        guided batch for a step without guidance."""
+        assert self.features is not None
+        return self.features if len(self.features) == n else self.features[-n:]
 
 
 class DenoisingUNet(_UNet):
@@ -205,19 +250,24 @@ class DenoisingUNet(_UNet):
         face = cond.face_features.transpose(1, 2).reshape(b * f, c0, h, w).to(dtype)
         return ClipContext(face, layers, masks, tuple(float(s) for s in cond.motion_scale))
 
-    def forward(self, sample: torch.Tensor, t: torch.Tensor, ctx: ClipContext) -> torch.Tensor:
-        """sample (2, 4, f, h, w) -> model output (2, 4, f, h, w). The released inference runs this
-        network's training-mode branch; this is that branch: motion frames enter every motion module
-        of the cross-attention stages, the motion modules of the first up / last down stage are
-        skipped, and `motion_scale` reaches every audio module."""
+    def forward(self, sample: torch.Tensor, t: torch.Tensor, ctx: ClipContext, deep: DeepFeatures | None = None,
+                ) -> torch.Tensor:
+        """sample (2, 4, f, h, w) [uncond, cond] -> model output (2, 4, f, h, w); (1, 4, f, h, w), the
+        conditional half alone, with `ctx.conditional()`. The released inference runs this network's
+        training-mode branch; this is that branch: motion frames enter every motion module of the
+        cross-attention stages, the motion modules of the first up / last down stage are skipped, and
+        `motion_scale` reaches every audio module. `deep`: reuse of the deep features (`DeepFeatures`)."""
         b, c, f, h, w = sample.shape
+        if b != (2 if ctx.guided else 1):
+            raise ValueError(f"a batch of {b} for a {'guided' if ctx.guided else 'conditional-only'} clip context")
+        uncond = f if ctx.guided else 0
         x = self.conv_in(sample.transpose(1, 2).reshape(b * f, c, h, w)) + ctx.face
 
         def after(path, st, level, j, x):
             lc = ctx.layers[f"{path}.attentions.{j}"]
-            x = st.attentions[j](x, lc["ref_kv"], lc["cross_kv"])
+            x = st.attentions[j](x, lc["ref_kv"], lc["cross_kv"], uncond)
             x = st.audio_modules[j](x, lc["audio_kv"], ctx.masks[level], ctx.scales)
             return st.motion_modules[j](x, lc["motion"])
 
-        x = self.conv_out(F.silu(self.conv_norm_out(self._run(x, self._time(t, x), after))))
+        x = self.conv_out(F.silu(self.conv_norm_out(self._run(x, self._time(t, x), after, deep))))
         return x.view(b, f, -1, h, w).transpose(1, 2)
