@@ -15,7 +15,7 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from emocast_lib.checkpoint import STEPS_KEY
-from emocast_lib.config import SamplingConfig
+from emocast_lib.config import SCHEDULERS, SamplingConfig
 from emocast_lib.job import LIMITS, JobError, sampling_config
 from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
@@ -57,6 +57,24 @@ def weight_input(name: str, tooltip: str) -> io.Float.Input:
     return io.Float.Input(name, default=1.0, min=low, max=high, step=0.05, round=0.01, tooltip=tooltip)
 
 
+def lever_inputs() -> list[io.Input]:
+    """The experimental speed levers; they come last in both samplers so that widget values saved by
+    workflows from before them stay aligned."""
+    return [
+        io.Combo.Input("scheduler", options=list(SCHEDULERS), default=SamplingConfig.scheduler, optional=True,
+                       tooltip="Experimental speed lever: the sampler. ddim is the released one; dpmpp_2m and "
+                               "uni_pc aim at its result in fewer steps (judge the output yourself)."),
+        io.Float.Input("cfg_end", default=SamplingConfig.cfg_end, min=LIMITS["cfg_end"][0],
+                       max=LIMITS["cfg_end"][1], step=0.05, round=0.01, optional=True,
+                       tooltip="Experimental speed lever: guidance for this fraction of the steps only, the rest "
+                               "runs half the batch. 1 is the released setting."),
+        io.Int.Input("cache_interval", default=SamplingConfig.cache_interval, min=int(LIMITS["cache_interval"][0]),
+                     max=int(LIMITS["cache_interval"][1]), optional=True,
+                     tooltip="Experimental speed lever: a full network pass every N steps, reusing its deep "
+                             "features in between (DeepCache). 1 is the released setting."),
+    ]
+
+
 class Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -89,6 +107,7 @@ class Sampler(io.ComfyNode):
                 weight_input("pose_weight", "Strength of the audio on head pose (background-mask attention)."),
                 weight_input("face_weight", "Strength of the audio on facial expression (face-mask attention)."),
                 weight_input("lip_weight", "Strength of the audio on lip motion (lip-mask attention)."),
+                *lever_inputs(),
             ],
             outputs=[
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames, trimmed to the speech."),
@@ -103,12 +122,15 @@ class Sampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
                 cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
+                scheduler: str = SamplingConfig.scheduler, cfg_end: float = SamplingConfig.cfg_end,
+                cache_interval: int = SamplingConfig.cache_interval,
                 portrait: torch.Tensor | None = None) -> io.NodeOutput:
         # `portrait`: the input before 0.2.0, still linked in workflows saved then (ComfyUI passes it on);
         # unused, the portrait comes with `face`, so those workflows keep running.
         frames, latents = [], []
+        levers = (scheduler, cfg_end, cache_interval)
         for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
-                                 (pose_weight, face_weight, lip_weight)):
+                                 (pose_weight, face_weight, lip_weight), levers):
             frames.append(clip.frames)
             latents.append(clip.latents)
         return io.NodeOutput(frames_to_image(torch.cat(frames)), emocast_audio.audio, float(emocast_audio.fps),
@@ -129,9 +151,10 @@ class SamplerToVideo(io.ComfyNode):
             description="Same as EmoCAST Sampler, but writes an mp4 with the speech to ComfyUI's output "
                         "folder clip by clip instead of returning frames: for long audio, memory does not "
                         "grow with its length.",
-            inputs=[*base.inputs,
+            inputs=[*base.inputs[:-len(lever_inputs())],
                     io.String.Input("filename_prefix", default="EmoCAST/talking_portrait",
-                                    tooltip="Output file name prefix, inside ComfyUI's output folder.")],
+                                    tooltip="Output file name prefix, inside ComfyUI's output folder."),
+                    *lever_inputs()],
             outputs=[],
             is_output_node=True,
         )
@@ -139,7 +162,9 @@ class SamplerToVideo(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
                 cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
-                filename_prefix: str, portrait: torch.Tensor | None = None) -> io.NodeOutput:
+                filename_prefix: str, scheduler: str = SamplingConfig.scheduler,
+                cfg_end: float = SamplingConfig.cfg_end, cache_interval: int = SamplingConfig.cache_interval,
+                portrait: torch.Tensor | None = None) -> io.NodeOutput:
         # `portrait`: the removed input of workflows saved before 0.2.0 (see Sampler.execute), unused
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
@@ -148,7 +173,7 @@ class SamplerToVideo(io.ComfyNode):
         with Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0], int(sound["sample_rate"]),
                        metadata=workflow_metadata(cls.hidden)) as writer:  # the sound keeps its rate and channels
             for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
-                                     (pose_weight, face_weight, lip_weight)):
+                                     (pose_weight, face_weight, lip_weight), (scheduler, cfg_end, cache_interval)):
                 writer.write(clip.frames)
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
 
@@ -165,7 +190,8 @@ def workflow_metadata(hidden) -> dict[str, str]:
 
 
 def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
-                 cfg: float, seed: int, weights: tuple[float, float, float]) -> Iterator[ClipResult]:
+                 cfg: float, seed: int, weights: tuple[float, float, float],
+                 levers: tuple[str, float, int]) -> Iterator[ClipResult]:
     """Checks, then the library's clip generator with ComfyUI's progress bar, previews and Cancel."""
     net = model.model
     check_inputs(net, face, emocast_audio, emotion)
@@ -178,7 +204,7 @@ def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: 
     # 0 steps: the count EmoCAST Model Loader found declared in the checkpoint (kept in the model's options)
     steps = steps or model.model_options.get(STEPS_KEY) or SamplingConfig.steps
     try:
-        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length)
+        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length, *levers)
     except JobError as e:
         raise EmoCASTInputError(str(e)) from e
     cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)

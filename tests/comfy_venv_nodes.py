@@ -433,3 +433,17 @@ def test_steps_zero_runs_the_count_the_checkpoint_declares(inputs):
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert set(totals) == {TINY_STEPS}  # one clip of TINY_STEPS steps
+
+
+def test_speed_levers_reach_the_sampler_and_default_to_the_released_setting(inputs):
+    """The levers are optional inputs at the end: leaving them out is the released DDIM, every-step guidance,
+    no cache; a set lever changes the frames (it reaches job.sampling_config); a bad one is named."""
+    released = nodes_sampler.Sampler.execute(**inputs)[0]
+    explicit = nodes_sampler.Sampler.execute(**inputs, scheduler="ddim", cfg_end=1.0, cache_interval=1)[0]
+    assert torch.equal(released, explicit)
+    for lever in ({"scheduler": "dpmpp_2m"}, {"cfg_end": 0.5}, {"cache_interval": 2}):
+        assert not torch.equal(released, nodes_sampler.Sampler.execute(**inputs, **lever)[0]), lever
+    with pytest.raises(types.EmoCASTInputError, match="cache_interval"):
+        nodes_sampler.Sampler.execute(**inputs, cache_interval=0)
+    names = [i.id for i in nodes_sampler.SamplerToVideo.define_schema().inputs]
+    assert names[-4:] == ["filename_prefix", "scheduler", "cfg_end", "cache_interval"]
