@@ -1,6 +1,8 @@
 """Speech -> wav2vec2 features exactly as the EmoCAST/Hallo reference computes them.
 
-Stages (fixtures/preprocess/README.md §1.3): 16 kHz mono waveform -> zero-mean/unit-variance
+Upstream: Hallo's hallo/datasets/audio_processor.py (AudioProcessor.preprocess) and
+hallo/models/wav2vec.py (Wav2VecModel), which EmoCAST reuses; the fixture spec is
+tests/fixtures/preprocess/README.md. Stages (spec §1.3): 16 kHz mono waveform -> zero-mean/unit-variance
 normalisation -> frame count `ceil(seconds * fps)` and zero padding to whole clips -> wav2vec2 conv
 features linearly interpolated (align_corners=True) to one step per video frame -> the 12 transformer
 layer outputs -> 5-frame windows. Optional vocal separation follows §1.5.
@@ -8,6 +10,7 @@ layer outputs -> 5-frame windows. Optional vocal separation follows §1.5.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +59,10 @@ def to_16k_mono(waveform: torch.Tensor | np.ndarray, sample_rate: int) -> np.nda
     zero-padded or cut to ceil(n * 16000 / sample_rate) samples. Native 16 kHz input is not resampled.
     For ComfyUI's AUDIO pass `audio["waveform"][0]`.
     """
-    wave = waveform.detach().cpu().float().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform, np.float32)
+    if isinstance(waveform, torch.Tensor):
+        wave = waveform.detach().cpu().float().numpy()
+    else:
+        wave = np.asarray(waveform, np.float32)
     if wave.ndim not in (1, 2):
         raise ValueError(f"audio waveform must be [channels, samples] or [samples], got shape {tuple(wave.shape)}")
     if int(sample_rate) <= 0:
@@ -278,8 +284,9 @@ def window_frames(emb: torch.Tensor, radius: int = WINDOW) -> torch.Tensor:
 
 @runtime_checkable
 class Wav2Vec2Stages(Protocol):
-    """A wav2vec2-base as the three stages the reference runs separately (README §1.3 step 5), so that any
-    implementation (transformers here, ComfyUI core's in the nodes) computes the same features."""
+    """A wav2vec2-base as the three stages the reference runs separately (spec §1.3 step 5;
+    Wav2VecModel.forward), so that any implementation (transformers here, ComfyUI core's in the nodes)
+    computes the same features."""
 
     device: torch.device  # where the waveform is put
     dtype: torch.dtype  # the dtype it is put in, which the stages compute in
@@ -326,7 +333,7 @@ class TransformersWav2Vec2:
 def encode_audio(wave16k: np.ndarray, encoder: Wav2Vec2Stages | torch.nn.Module, fps: int = 25,
                  clip_length: int = 16) -> AudioFeatures:
     """16 kHz mono waveform + wav2vec2 (its stages, or a transformers Wav2Vec2Model) -> AudioFeatures
-    (README §1.3 steps 2-7)."""
+    (spec §1.3 steps 2-7; AudioProcessor.preprocess)."""
     stages = encoder if isinstance(encoder, Wav2Vec2Stages) else TransformersWav2Vec2(encoder)
     wave = np.asarray(wave16k, np.float32)
     if wave.ndim != 1:
@@ -355,7 +362,7 @@ def encode_audio(wave16k: np.ndarray, encoder: Wav2Vec2Stages | torch.nn.Module,
     )
 
 
-# --- optional vocal separation (README §1.5) -------------------------------------------------------
+# --- optional vocal separation (spec §1.5) ---------------------------------------------------------
 
 SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
 SEPARATOR_FILES = (SEPARATOR_MODEL, "download_checks.json", "mdx_model_data.json", "vr_model_data.json")
@@ -382,6 +389,10 @@ def separate_vocals(audio_path: str | Path, model_dir: str | Path, output_dir: s
             "`pip install -c <(python -c \"import torch; print('torch==' + torch.__version__.split('+')[0])\") "
             "\"audio-separator[cpu]\"` (or `[gpu]`; the constraint keeps your torch), or disable vocal separation"
         ) from e
+    if shutil.which("ffmpeg") is None:
+        raise FileNotFoundError("vocal separation needs the ffmpeg program on PATH (audio-separator refuses to start "
+                                "without it): install ffmpeg (https://ffmpeg.org/download.html), or disable vocal "
+                                "separation")
     output_dir.mkdir(parents=True, exist_ok=True)
     separator = Separator(output_dir=str(output_dir), output_single_stem="vocals",
                           model_file_dir=str(model_dir), output_format="WAV")

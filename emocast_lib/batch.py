@@ -262,7 +262,7 @@ def _model_files(settings: ModelSettings, identity: bool) -> list[Path]:
     models = Path(settings.models)
     entries = [Path(settings.checkpoint) if settings.checkpoint else default_checkpoint(models)]
     entries += [f.path(models) for f in layout.REQUIRED if f is not layout.NET
-                and (identity or f is not layout.FACE_ANALYSIS)]
+                and (identity or f not in layout.IDENTITY)]
     files = {p for e in entries for p in ([e] if e.is_file() else e.rglob("*")) if p.is_file()}
     return sorted(p for p in files if not p.name.startswith("."))
 

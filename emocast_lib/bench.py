@@ -90,7 +90,7 @@ CONFIGS = {
     # The released inference settings (512 px, 16-frame clips, 2 motion frames, 40 steps, CFG): for a GPU.
     "gpu512": BenchConfig("gpu512", "real", 512, 16, 40),
 }
-# The released reference on this project's machine, 1 thread (fixtures/parity/README.md §8).
+# The released reference on this project's machine, 1 thread (tests/fixtures/parity/README.md §8).
 REFERENCE = {
     "tiny": {"s_per_clip": 1.60, "peak_rss_gb": 0.46, "step": 0.40, "reference_unet": 0.09, "vae_decode": 0.14,
              "vae_encode": 0.05},

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "workflows" / "inputs"
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows" / "inputs"
 FIRST_LINE = {"generate": "EmoCAST generate: checking the inputs (no model loads before they pass) ...",
               "make-tiny-models": "make-tiny-models: writing tiny TEST models ...",
               "batch": "EmoCAST batch: checking every job (no model loads before they pass) ..."}
@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     def number(option: str, kind: type, text: str) -> None:  # a JobSpec number, with its default
         g.add_argument(option, type=_number(kind), default=default[option[2:].replace("-", "_")], help=text)
 
-    g.add_argument("--image", type=Path, default=EXAMPLES / "portrait.png",
+    g.add_argument("--image", type=Path, default=EXAMPLES / "emocast_portrait.png",
                    help="photo with one face: any size (non-square photos are cropped around the face), any "
                         "format PIL reads; EXIF orientation applied")
-    g.add_argument("--audio", type=Path, default=EXAMPLES / "speech.wav",
+    g.add_argument("--audio", type=Path, default=EXAMPLES / "emocast_speech.wav",
                    help="speech: any file FFmpeg decodes (wav, flac, mp3, m4a, ogg/opus, a video's sound), "
                         f"up to {MAX_SECONDS / 60:g} minutes")
     g.add_argument("--emotion", default=default["emotion"],

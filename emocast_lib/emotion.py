@@ -2,9 +2,9 @@
 
 The reference tokenises to 77 ids (start token, text, end token, padded with the end token, never
 truncated) and runs the text encoder WITH the padding attention mask; it uses `last_hidden_state`
-(all 77 positions) for the prompt and for the empty prompt (guidance). Two encoders fit: a
-transformers `CLIPTokenizer` + `CLIPTextModel` (`HFTextEncoder`) and ComfyUI's CLIP object
-(`ComfyTextEncoder`, duck-typed: this module never imports ComfyUI).
+(all 77 positions) for the prompt and for the empty prompt (guidance). Any `TextEncoder` fits: here a
+transformers `CLIPTokenizer` + `CLIPTextModel` (`HFTextEncoder`); the ComfyUI nodes adapt ComfyUI's
+CLIP object to the same protocol (`nodes/convert.py`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-__all__ = ["MAX_TOKENS", "EncodedText", "TextEncoder", "HFTextEncoder", "ComfyTextEncoder", "load_clip_tokenizer", "pad_ids",
+__all__ = ["MAX_TOKENS", "EncodedText", "TextEncoder", "HFTextEncoder", "load_clip_tokenizer", "pad_ids",
            "encode_prompt", "emotion_embeddings", "emotion_schedule"]
 
 MAX_TOKENS = 77
@@ -95,41 +95,6 @@ def load_clip_tokenizer(folder: str | Path):
         raise FileNotFoundError(f"CLIP tokenizer folder {folder} lacks {', '.join(missing)}: use the tokenizer/ "
                                 "folder of stable-diffusion-v1-5 or ComfyUI's comfy/sd1_tokenizer")
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-class ComfyTextEncoder:
-    """ComfyUI's CLIP object (SD1.5 CLIP-L). Prompt weighting syntax is disabled (the text is taken
-    literally, as the reference), and the padding mask is switched on only while encoding because the
-    module is shared by every clone of the CLIP object. ComfyUI keeps text-encoder weights in fp16 on
-    CPU by default (max deviation ~3e-3); load them in fp32 for exact parity."""
-
-    def __init__(self, clip):
-        self.clip = clip
-
-    def _chunks(self, prompt: str) -> list[list[int]]:
-        tokens = self.clip.tokenize(prompt, disable_weights=True)
-        if set(tokens) != {"l"}:
-            raise ValueError(f"EmoCAST needs an SD1.5 CLIP-L text encoder (CLIPLoader type 'stable_diffusion'); "
-                             f"this CLIP produces {sorted(tokens)} tokens")
-        return [[int(t[0]) for t in chunk] for chunk in tokens["l"]]
-
-    def tokenize(self, prompt: str) -> list[int]:
-        # ComfyUI splits long prompts into 77-token windows of [start, text..., end, end padding]
-        chunks = self._chunks(prompt)
-        start, end = chunks[0][0], chunks[0][-1]
-        text = [t for chunk in chunks for t in chunk[1:] if t != end]
-        return [start, *text, end]
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # ComfyUI derives the same mask from the ids (1 up to the first end token); keep ours for checks.
-        tokens = {"l": [[(int(t), 1.0) for t in input_ids[0]]]}
-        clip_l = self.clip.cond_stage_model.clip_l
-        previous = clip_l.enable_attention_masks
-        clip_l.enable_attention_masks = True
-        try:
-            return self.clip.encode_from_tokens(tokens).cpu()
-        finally:
-            clip_l.enable_attention_masks = previous
 
 
 def emotion_schedule(segments: Sequence[tuple[torch.Tensor, float, float]], crossfade_s: float, fps: float,

@@ -1,6 +1,8 @@
 """Face inputs of EmoCAST: landmarks, region/attention masks, identity embedding, portrait crop.
 
-Masks follow fixtures/preprocess/README.md §2.3 stage by stage, uint8 wherever the reference is uint8
+Upstream: Hallo's hallo/datasets/image_processor.py (ImageProcessor.preprocess) with the mask helpers of
+hallo/utils/util.py (get_mask, get_blur_mask, ...); the fixture spec is tests/fixtures/preprocess/README.md.
+Masks follow its §2.3 stage by stage, uint8 wherever the reference is uint8
 (OpenCV resize/blur/min-max, PIL bilinear resizes), so they match it exactly. One deliberate
 deviation (edge case 2.3.4): when the expanded face box is larger than the image, the reference ends
 with a negative box start and Python slicing turns the mask into a strip at the far edge; here the
@@ -109,7 +111,7 @@ def _flat(mask64: np.ndarray, side: int) -> torch.Tensor:
 
 def compute_masks(landmarks: np.ndarray, height: int, width: int, expand_ratio: float = 1.2,
                   image_size: int = 512, clamp_box: bool = True) -> FaceMasks:
-    """(478, 2) pixel landmarks of an H x W image -> FaceMasks (README §2.3 steps 1-8).
+    """(478, 2) pixel landmarks of an H x W image -> FaceMasks (spec §2.3 steps 1-8).
 
     Attention masks are made at `mask_sizes(image_size)`; `clamp_box=False` reproduces the
     reference's strip-shaped mask when the expanded face box exceeds the image (§2.3.4).

@@ -2,7 +2,7 @@
 
 A tensor depends only on (seed, state-dict key, shape), so any model with the released key layout
 can be filled reproducibly without shipping weights. The rule is the one of the parity fixtures
-(`fixtures/parity/README.md` §2); `tensor_sha256` lets tests compare fills key by key.
+(`tests/fixtures/parity/README.md` §2); `tensor_sha256` lets tests compare fills key by key.
 """
 from __future__ import annotations
 

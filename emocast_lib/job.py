@@ -305,7 +305,7 @@ def check_models(settings: ModelSettings, identity: bool = True) -> list[Problem
         return problems + [Problem("models", f"{models} {what}; give the models folder (see README, Model files), "
                                              "or make test models with `python -m emocast_lib make-tiny-models DIR`")]
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else default_checkpoint(models)
-    needed = [f for f in layout.REQUIRED if f is not layout.NET and (identity or f is not layout.FACE_ANALYSIS)]
+    needed = [f for f in layout.REQUIRED if f is not layout.NET and (identity or f not in layout.IDENTITY)]
     missing = layout.missing_files(models, needed)
     if missing:
         problems.append(Problem("models", layout.missing_report(models, missing).replace("\n", " ")))
@@ -326,11 +326,6 @@ def check_models(settings: ModelSettings, identity: bool = True) -> list[Problem
                         (layout.LANDMARKER.path(models), _landmarker_problem)):
         if path not in missing_paths and (problem := check(path)):
             problems.append(Problem("models", problem))
-    if identity and layout.FACE_ANALYSIS.path(models) not in missing_paths:
-        folder = layout.FACE_ANALYSIS.path(models)
-        if not any(folder.glob("*.onnx")):
-            problems.append(Problem("models", f"{folder} holds no InsightFace .onnx models; download them from "
-                                              f"{layout.FACE_ANALYSIS.source}, or use --no-identity"))
     return problems
 
 
@@ -426,24 +421,16 @@ def _clip_problem(path: Path) -> str | None:
     return None
 
 
-def _wav2vec_problem(folder: Path) -> str | None:
-    import json
-
-    config, weights = folder / "config.json", folder / "model.safetensors"
-    for f in (config, weights):
-        if not f.is_file():
-            return f"{folder} lacks {f.name}; download the folder from {layout.WAV2VEC.source}"
-    try:
-        cfg = json.loads(config.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        return f"{config} is not valid JSON ({_reason(e)}); download it again from {layout.WAV2VEC.source}"
-    fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "conv_dim")
-    if not isinstance(cfg, dict) or cfg.get("model_type", "wav2vec2") != "wav2vec2" or any(f not in cfg
-                                                                                         for f in fields):
-        return (f"{config} is not a wav2vec2 config (it needs model_type wav2vec2 and {', '.join(fields)}); "
-                f"download it again from {layout.WAV2VEC.source}")
-    _, problem = _safetensors_keys(weights)
-    return f"{problem}; download it again from {layout.WAV2VEC.source}" if problem else None
+def _wav2vec_problem(path: Path) -> str | None:
+    """wav2vec2-base in one .safetensors (the public checkpoint's keys or the bare Wav2Vec2Model ones)."""
+    keys, problem = _safetensors_keys(path)
+    if problem:
+        return f"{problem}; download it again from {layout.WAV2VEC.source}"
+    needed = ("feature_extractor.conv_layers.0.conv.weight", "encoder.layers.11.attention.k_proj.weight")
+    if not all(any(k.endswith(n) for k in keys) for n in needed):
+        return (f"{path} is not a wav2vec2-base (no 12-layer wav2vec2 weights); download it again from "
+                f"{layout.WAV2VEC.source}")
+    return None
 
 
 def _landmarker_problem(path: Path) -> str | None:
@@ -778,8 +765,8 @@ class Session:
         if self._m.faces is None:
             from .face import load_face_analysis
 
-            path = layout.FACE_ANALYSIS.path(self.models)
-            self._m.faces = self._load(layout.FACE_ANALYSIS, path, lambda: load_face_analysis(path))
+            path = layout.face_dir(self.models)
+            self._m.faces = self._load(layout.FACE_RECOGNIZER, path, lambda: load_face_analysis(path))
         return self._m.faces
 
     def load(self, identity: bool = True) -> None:

@@ -1,7 +1,8 @@
-"""Where every model file lives in a ComfyUI-style `models/` tree, and where users get it.
+"""Where every model file lives in a ComfyUI-style `models/` tree, and the URL that serves exactly it.
 
-One table serves the CLI (`--models DIR`), `make-tiny-models` and the ComfyUI nodes, so the three
-always agree on file names.
+One table serves the CLI (`--models DIR`), `make-tiny-models`, the ComfyUI nodes, the templates'
+`models` metadata (what ComfyUI's missing-models dialog offers to download, checked by
+tests/test_templates.py) and the README's model table, so they always agree on file names.
 """
 from __future__ import annotations
 
@@ -13,34 +14,51 @@ from pathlib import Path
 class ModelFile:
     folder: str  # ComfyUI model folder name (models/<folder>)
     name: str  # path inside that folder
-    source: str  # where to download it
+    source: str  # URL that serves exactly this file
     what: str
 
     def path(self, models_dir: str | Path) -> Path:
         return Path(models_dir) / self.folder / self.name
 
+    def metadata(self) -> dict[str, str]:
+        """This file as an entry of a workflow's `models` list (ComfyUI frontend format)."""
+        return {"name": self.name, "url": self.source, "directory": self.folder}
 
-NET = ModelFile("emocast", "net.pth", "https://huggingface.co/Jmaomao/EmoCAST (net.pth)",
+
+_HF = "https://huggingface.co"
+# Hallo's release (the layout EmoCAST's README asks for) serves the face models one file at a time.
+_HALLO_FACE = f"{_HF}/fudan-generative-ai/hallo/resolve/main/face_analysis/models"
+FACE_DIR = "face_analysis/models"  # inside models/emocast: the InsightFace files and the landmarker
+
+NET = ModelFile("emocast", "net.pth", f"{_HF}/Jmaomao/EmoCAST/resolve/main/net.pth",
                 "EmoCAST network (both UNets, face locator, image and audio projections)")
-WAV2VEC = ModelFile("emocast", "wav2vec/wav2vec2-base-960h",
-                    "https://huggingface.co/facebook/wav2vec2-base-960h (config.json, model.safetensors, "
-                    "preprocessor_config.json)", "wav2vec2-base-960h audio encoder folder")
-_HALLO = "https://huggingface.co/fudan-generative-ai/hallo/tree/main/pretrained_models/face_analysis/models"
-FACE_ANALYSIS = ModelFile("emocast", "face_analysis/models",
-                          f"{_HALLO} (the InsightFace .onnx files: detection + recognition)",
-                          "InsightFace model folder (face detection and identity embedding)")
-LANDMARKER = ModelFile("emocast", "face_analysis/models/face_landmarker_v2_with_blendshapes.task", _HALLO,
-                       "MediaPipe face landmarker")
+WAV2VEC = ModelFile("audio_encoders", "wav2vec2-base-960h.safetensors",
+                    f"{_HF}/facebook/wav2vec2-base-960h/resolve/main/model.safetensors",
+                    "wav2vec2-base-960h speech encoder (facebook's model.safetensors, saved under this name)")
+FACE_DETECTOR = ModelFile("emocast", f"{FACE_DIR}/scrfd_10g_bnkps.onnx", f"{_HALLO_FACE}/scrfd_10g_bnkps.onnx",
+                          "InsightFace face detector (SCRFD, antelopev2)")
+FACE_RECOGNIZER = ModelFile("emocast", f"{FACE_DIR}/glintr100.onnx", f"{_HALLO_FACE}/glintr100.onnx",
+                            "InsightFace identity embedding (ArcFace glintr100, antelopev2)")
+LANDMARKER = ModelFile("emocast", f"{FACE_DIR}/face_landmarker_v2_with_blendshapes.task",
+                       f"{_HALLO_FACE}/face_landmarker_v2_with_blendshapes.task", "MediaPipe face landmarker")
+VAE = ModelFile("vae", "vae-ft-mse-840000-ema-pruned.safetensors",
+                f"{_HF}/stabilityai/sd-vae-ft-mse-original/resolve/main/vae-ft-mse-840000-ema-pruned.safetensors",
+                "Stable Diffusion VAE (sd-vae-ft-mse)")
+CLIP_L = ModelFile("text_encoders", "clip_l.safetensors",
+                   f"{_HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+                   "CLIP ViT-L/14 text encoder")
 SEPARATOR = ModelFile("emocast", "audio_separator/Kim_Vocal_2.onnx",
                       "https://github.com/TRvlvr/model_repo/releases/download/all_public_uvr_models/Kim_Vocal_2.onnx",
                       "vocal separation model (optional)")
-VAE = ModelFile("vae", "vae-ft-mse-840000-ema-pruned.safetensors",
-                "https://huggingface.co/stabilityai/sd-vae-ft-mse-original", "Stable Diffusion VAE (sd-vae-ft-mse)")
-CLIP_L = ModelFile("text_encoders", "clip_l.safetensors",
-                   "https://huggingface.co/comfyanonymous/flux_text_encoders (clip_l.safetensors)",
-                   "CLIP ViT-L/14 text encoder")
 
-REQUIRED = (NET, WAV2VEC, FACE_ANALYSIS, LANDMARKER, VAE, CLIP_L)
+IDENTITY = (FACE_DETECTOR, FACE_RECOGNIZER)  # only needed with face identity on
+# Every file a shipped template needs, in the order of the README's table.
+REQUIRED = (NET, WAV2VEC, FACE_DETECTOR, FACE_RECOGNIZER, LANDMARKER, VAE, CLIP_L)
+
+
+def face_dir(models_dir: str | Path) -> Path:
+    """The folder InsightFace reads (every .onnx in it) and that holds the landmarker."""
+    return LANDMARKER.path(models_dir).parent
 
 
 def missing_files(models_dir: str | Path, files=REQUIRED) -> list[ModelFile]:

@@ -27,12 +27,12 @@ TINY_NET = NetConfig(
     sample_size=128,
 )
 # The tiny model written by `make-tiny-models`: tiny UNets, but the text width of CLIP-L, the
-# 512-d identity of InsightFace and 12 wav2vec layers, so that ComfyUI's own CLIP-L and SD-VAE
-# loaders take the companion files. Its native size is 64 px to keep CPU runs short.
+# 512-d identity of InsightFace and wav2vec2-base's 12 x 768 features, so that ComfyUI's own CLIP-L,
+# VAE and audio-encoder loaders take the companion files. Its native size is 64 px to keep CPU runs short.
 TINY_PACK_NET = replace(
     TINY_NET, unet=replace(TINY_NET.unet, cross_attention_dim=768, audio_attention_dim=768),
     image_proj=ImageProjConfig(embedding_dim=512, tokens=4, width=768),
-    audio_proj=replace(TINY_NET.audio_proj, layers=12, channels=32), sample_size=64)
+    audio_proj=replace(TINY_NET.audio_proj, layers=12, channels=768), sample_size=64)
 TINY_VAE: dict[str, Any] = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
     "block_out_channels": [16, 16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -44,13 +44,6 @@ TINY_CLIP_TEXT: dict[str, Any] = {
     "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
 }
 
-TINY_WAV2VEC: dict[str, Any] = {
-    "hidden_size": 32, "conv_dim": [32] * 7, "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-    "conv_bias": False, "feat_extract_norm": "group", "do_stable_layer_norm": False, "num_hidden_layers": 12,
-    "num_attention_heads": 4, "intermediate_size": 64, "num_conv_pos_embeddings": 128,
-    "num_conv_pos_embedding_groups": 16, "vocab_size": 32,
-}
 NOT_A_MODEL = ("TINY TEST MODELS - NOT EmoCAST. Made by `python -m emocast_lib make-tiny-models` from a fixed "
                "random fill rule so the pack can be run end to end without the real weights. "
                "Their output is noise. Get the real files from the sources in README.md.")
@@ -100,10 +93,9 @@ def planned_files(root: str | Path) -> list[Path]:
     from . import layout
 
     root = Path(root)
-    w2v, faces = layout.WAV2VEC.path(root), layout.FACE_ANALYSIS.path(root)
-    return [root / README_NAME, layout.NET.path(root), layout.VAE.path(root), layout.CLIP_L.path(root),
-            w2v / "config.json", w2v / "model.safetensors", w2v / "preprocessor_config.json",
-            faces / "tiny_scrfd.onnx", faces / "tiny_arcface.onnx", layout.LANDMARKER.path(root)]
+    return [root / README_NAME, *(f.path(root) for f in (layout.NET, layout.VAE, layout.CLIP_L, layout.WAV2VEC,
+                                                         layout.FACE_DETECTOR, layout.FACE_RECOGNIZER,
+                                                         layout.LANDMARKER))]
 
 
 def is_tiny_model(path: str | Path) -> bool:
@@ -147,7 +139,7 @@ def check_tiny_target(root: str | Path, force: bool = False) -> None:
 
     root = Path(root)
     existing = [p for p in planned_files(root) if p.exists() or p.is_symlink()]
-    faces = layout.FACE_ANALYSIS.path(root)
+    faces = layout.face_dir(root)
     planned = set(planned_files(root))
     # Extra detectors next to ours would change which face models InsightFace picks up.
     existing += sorted(p for p in faces.glob("*.onnx") if p not in planned) if faces.is_dir() else []
@@ -178,16 +170,13 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED, force: bool = Fals
     Nothing the user has is replaced: `check_tiny_target` runs first, every file declares itself a tiny
     model (`is_tiny_model`) and is written atomically (`files.atomic_path`), so an interrupted run leaves
     whole files only."""
-    import json
-
     from safetensors.torch import save_file
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     from .checkpoint import CONFIG_KEY, NOTE_KEY, STEPS_KEY
     from .files import atomic_path
 
     check_tiny_target(root, force)
-    readme, net, vae, clip, w2v_config, w2v_weights, w2v_features, detector, recognizer, task = planned_files(root)
+    readme, net, vae, clip, wav2vec, detector, recognizer, task = planned_files(root)
     meta = {TINY_MARK: NOT_A_MODEL}
     writers = [  # the landmarker first: it is the one that may need a download
         (task, _write_marked_landmarker),
@@ -197,13 +186,7 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED, force: bool = Fals
                                       STEPS_KEY: str(TINY_STEPS)}, tmp)),
         (vae, lambda tmp: save_file(filled_taesd(seed), tmp, meta)),
         (clip, lambda tmp: save_file(_text_model_keys(filled_text_encoder(CLIP_L_TEXT, seed)), tmp, meta)),
-        (w2v_config, lambda tmp: tmp.write_text(
-            json.dumps({**Wav2Vec2Config(**TINY_WAV2VEC).to_dict(), TINY_MARK: NOT_A_MODEL}, indent=2))),
-        (w2v_weights, lambda tmp: save_file(
-            fill_module(Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC)), seed).state_dict(), tmp, meta)),
-        (w2v_features, lambda tmp: tmp.write_text(json.dumps(
-            {**Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).to_dict(),
-             TINY_MARK: NOT_A_MODEL}, indent=2))),
+        (wav2vec, lambda tmp: save_file(filled_wav2vec2_base(seed), tmp, meta)),
         (detector, write_centre_face_detector),
         (recognizer, lambda tmp: write_tiny_recognizer(tmp, seed)),
     ]
@@ -211,6 +194,24 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED, force: bool = Fals
         with atomic_path(path, overwrite=force) as tmp:
             write(tmp)
     return [path for path, _ in writers]
+
+
+def filled_wav2vec2_base(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
+    """A full-width wav2vec2-base (ComfyUI's Load Audio Encoder knows only the 768- and 1024-wide ones) of
+    fill-rule weights in fp16, keyed as facebook/wav2vec2-base-960h's model.safetensors (`wav2vec2.` prefix,
+    weight_g/weight_v of the positional convolution), without the CTC head EmoCAST does not use."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from .audio import WAV2VEC2_BASE
+
+    sd = fill_module(Wav2Vec2Model(Wav2Vec2Config(**WAV2VEC2_BASE)), seed).state_dict()
+    names = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+    public = {}
+    for key, value in sd.items():
+        for old, new in names.items():
+            key = key.replace(old, new)
+        public["wav2vec2." + key] = value.half().contiguous()
+    return public
 
 
 def _text_model_keys(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -33,8 +33,8 @@ class Mp4Writer:
                  sample_rate: int = 16000, crf: int = 18, overwrite: bool = False,
                  metadata: dict[str, str] | None = None):
         """`audio`: float samples in [-1, 1], (samples,) or (channels, samples), at `sample_rate`; louder
-        samples are clipped. `metadata`: container tags (e.g. comment) stored in the file itself. Raises
-        files.OutputError when `path` cannot be written (exists, a folder...)."""
+        samples are clipped. `metadata`: container tags (e.g. comment, or ComfyUI's prompt/workflow JSON)
+        stored in the file itself. Raises files.OutputError when `path` cannot be written (exists, a folder...)."""
         import av
 
         self._av = av
@@ -50,7 +50,8 @@ class Mp4Writer:
         # the first packet), so an interrupted run can be cleaned up whatever the encoder buffered.
         self._file = open(self._tmp, "wb")
         try:
-            self.container = av.open(self._file, mode="w", format="mp4")
+            # use_metadata_tags keeps free-form keys (ComfyUI's "prompt"/"workflow") as ComfyUI's SaveVideo does
+            self.container = av.open(self._file, mode="w", format="mp4", options={"movflags": "use_metadata_tags"})
         except BaseException:
             self._file.close()
             self._tmp.unlink(missing_ok=True)

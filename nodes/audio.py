@@ -15,7 +15,7 @@ from emocast_lib import layout
 
 from . import paths
 from .convert import audio_mono, fit_audio
-from .sockets import Audio
+from .sockets import EmoCASTAudio
 from .types import AudioCond, EmoCASTInputError
 
 
@@ -75,8 +75,8 @@ class AudioEncode(io.ComfyNode):
                                      "padded to whole clips and the video trimmed back to the speech."),
             ],
             outputs=[
-                Audio.Output("emocast_audio", display_name="emocast_audio",
-                             tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
+                EmoCASTAudio.Output("emocast_audio", display_name="emocast_audio",
+                                    tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
                 io.Audio.Output("fitted_audio", display_name="audio",
                                 tooltip="The input sound trimmed/padded to exactly the video's length "
                                         "(frames / fps), for Create Video."),

@@ -1,4 +1,5 @@
-"""ComfyUI types <-> library types. No ComfyUI import: these are tested on plain tensors."""
+"""ComfyUI types <-> library types. No ComfyUI import: these are tested on plain tensors (ComfyUI's CLIP
+and VAE objects are duck-typed)."""
 from __future__ import annotations
 
 import math
@@ -81,3 +82,39 @@ def latents_to_comfy(latents: torch.Tensor) -> dict:
     """(1, 4, n, h, w) in EmoCAST's scale -> LATENT with frames in the batch, ComfyUI's (unscaled) scale,
     so core VAE Decode turns it into the same frames."""
     return {"samples": (latents[0].transpose(0, 1) / LATENT_SCALE).contiguous().float()}
+
+
+class ComfyTextEncoder:
+    """`emocast_lib.emotion.TextEncoder` over ComfyUI's CLIP object (SD1.5 CLIP-L). Prompt weighting syntax
+    is disabled (the text is taken literally, as the reference), and the padding mask is switched on only
+    while encoding because the module is shared by every clone of the CLIP object. ComfyUI keeps
+    text-encoder weights in fp16 on CPU by default (max deviation ~3e-3); load them in fp32 for exact
+    parity."""
+
+    def __init__(self, clip):
+        self.clip = clip
+
+    def _chunks(self, prompt: str) -> list[list[int]]:
+        tokens = self.clip.tokenize(prompt, disable_weights=True)
+        if set(tokens) != {"l"}:
+            raise ValueError(f"EmoCAST needs an SD1.5 CLIP-L text encoder (CLIPLoader type 'stable_diffusion'); "
+                             f"this CLIP produces {sorted(tokens)} tokens")
+        return [[int(t[0]) for t in chunk] for chunk in tokens["l"]]
+
+    def tokenize(self, prompt: str) -> list[int]:
+        # ComfyUI splits long prompts into 77-token windows of [start, text..., end, end padding]
+        chunks = self._chunks(prompt)
+        start, end = chunks[0][0], chunks[0][-1]
+        text = [t for chunk in chunks for t in chunk[1:] if t != end]
+        return [start, *text, end]
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # ComfyUI derives the same mask from the ids (1 up to the first end token); keep ours for checks.
+        tokens = {"l": [[(int(t), 1.0) for t in input_ids[0]]]}
+        clip_l = self.clip.cond_stage_model.clip_l
+        previous = clip_l.enable_attention_masks
+        clip_l.enable_attention_masks = True
+        try:
+            return self.clip.encode_from_tokens(tokens).cpu()
+        finally:
+            clip_l.enable_attention_masks = previous

@@ -6,12 +6,13 @@ import math
 import torch
 from comfy_api.latest import io, ui
 
-from emocast_lib.emotion import ComfyTextEncoder, emotion_embeddings, emotion_schedule
+from emocast_lib.config import DEFAULT_EMOTION
+from emocast_lib.emotion import emotion_embeddings, emotion_schedule
 
-from .sockets import Emotion
+from .convert import ComfyTextEncoder
+from .sockets import EmoCASTEmotion
 from .types import EmoCASTInputError, EmotionCond
 
-DEFAULT_EMOTION = "The portrait is watching a horror movie with jump scares."
 SLOTS = 4
 
 
@@ -32,9 +33,9 @@ class EmotionEncode(io.ComfyNode):
                                 tooltip="What the portrait feels, in plain words (at most 75 CLIP tokens). Taken "
                                         "literally: (word:1.2) weighting and embeddings are not applied."),
             ],
-            outputs=[Emotion.Output("emotion", display_name="emotion",
-                                    tooltip="Emotion conditioning for EmoCAST Sampler or EmoCAST "
-                                            "Emotion Schedule.")],
+            outputs=[EmoCASTEmotion.Output("emotion", display_name="emotion",
+                                           tooltip="Emotion conditioning for EmoCAST Sampler or EmoCAST "
+                                                   "Emotion Schedule.")],
         )
 
     @classmethod
@@ -57,7 +58,7 @@ class EmotionEncode(io.ComfyNode):
 def _slot(i: int, start: float) -> list:
     optional = i > 2
     return [
-        Emotion.Input(f"emotion_{i}", optional=optional,
+        EmoCASTEmotion.Input(f"emotion_{i}", optional=optional,
                       tooltip=f"Emotion {i} (from EmoCAST Emotion Encode)" + (", optional." if optional else ".")),
         io.Float.Input(f"start_{i}", default=start, min=0.0, max=3600.0, step=0.1, round=0.01,
                        tooltip=f"When emotion {i} starts, in seconds of the video."),
@@ -80,8 +81,8 @@ class EmotionSchedule(io.ComfyNode):
                 io.Float.Input("crossfade", default=0.4, min=0.0, max=10.0, step=0.05, round=0.01,
                                tooltip="Length in seconds of each crossfade between two emotions (0: hard cut)."),
             ],
-            outputs=[Emotion.Output("emotion", display_name="emotion",
-                                    tooltip="Per-frame emotion conditioning for EmoCAST Sampler.")],
+            outputs=[EmoCASTEmotion.Output("emotion", display_name="emotion",
+                                           tooltip="Per-frame emotion conditioning for EmoCAST Sampler.")],
         )
 
     @classmethod

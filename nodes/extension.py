@@ -1,21 +1,18 @@
-"""The node list and the V3 extension; importing this registers models/emocast with folder_paths."""
+"""The node list. Importing this registers models/emocast with folder_paths and puts the templates'
+example inputs into ComfyUI's input folder (where missing)."""
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import io
 
-from . import paths
+from . import examples, paths
 from .audio import AudioEncode, VocalSeparator
 from .emotion import EmotionEncode, EmotionSchedule
-from .face import CropPortrait, FaceAnalysis
+from .face import CropPortrait, FaceAnalysis, PasteBack
 from .loaders import ModelLoader
 from .sampler import Sampler, SamplerToVideo
 
 paths.register()
+examples.install_inputs()
 
 NODES: list[type[io.ComfyNode]] = [ModelLoader, VocalSeparator, AudioEncode, EmotionEncode, EmotionSchedule,
-                                   FaceAnalysis, CropPortrait, Sampler, SamplerToVideo]
-
-
-class EmoCASTExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return NODES
+                                   FaceAnalysis, CropPortrait, PasteBack, Sampler, SamplerToVideo]

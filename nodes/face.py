@@ -1,4 +1,4 @@
-"""EmoCAST Face Analysis and EmoCAST Crop Portrait."""
+"""EmoCAST Face Analysis, EmoCAST Crop Portrait and EmoCAST Paste Back."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,35 +8,39 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from emocast_lib import face as face_lib, layout
+from emocast_lib import face as face_lib
+from emocast_lib import layout
 
 from . import paths
-from .convert import mask_from_u8, single_image, to_uint8
-from .sockets import CropInfo as CropSocket, Face
-from .types import CropInfo, EmoCASTInputError, FaceInfo
+from .convert import frames_to_image, mask_from_u8, single_image, to_uint8
+from .sockets import EmoCASTCropInfo, EmoCASTFace
+from .types import EmoCASTInputError, FaceInfo
 
 # Masks for the previews only: their shapes do not depend on this size (the sampler makes the
 # network's masks at its own size), so the smallest allowed one keeps the node fast.
 PREVIEW_MASK_SIZE = 64
+# Frames composited per call in Paste Back: the working copy stays small next to the output itself.
+PASTE_CHUNK = 16
 
 
 def face_models_input() -> io.Combo.Input:
+    files = ", ".join(Path(f.name).name for f in (*layout.IDENTITY, layout.LANDMARKER))
     return io.Combo.Input("face_models", options=list(paths.face_model_folders()),
-                          tooltip=f"Folder in models/{paths.FOLDER}/ with the InsightFace .onnx files (face "
-                                  f"detection + recognition) and {paths.LANDMARKER_NAME}. Download: "
-                                  f"{layout.FACE_ANALYSIS.source}")
+                          tooltip=f"Folder in models/{paths.FOLDER}/ with the face models, one file each: {files} "
+                                  f"(models/{paths.FOLDER}/{layout.FACE_DIR}/ as in the Hallo/EmoCAST release; "
+                                  "the template's missing-models list has their download links)")
 
 
 def face_folder(name: str) -> Path:
     folder = paths.face_model_folders().get(name)
     if folder is None:
-        raise FileNotFoundError(paths.missing_folder("face_models", name, layout.FACE_ANALYSIS))
+        raise FileNotFoundError(paths.missing_face_models(name))
     return folder
 
 
 def validate_face_models(face_models: str) -> bool | str:
     if face_models not in paths.face_model_folders():
-        return paths.missing_folder("face_models", face_models, layout.FACE_ANALYSIS)
+        return paths.missing_face_models(face_models)
     return True
 
 
@@ -60,8 +64,8 @@ class FaceAnalysis(io.ComfyNode):
                         "attends with.",
             inputs=[
                 io.Image.Input("image", tooltip="The portrait: one square image with one clearly visible face "
-                                                "(EmoCAST Crop Portrait makes one). Connect the same image to "
-                                                "EmoCAST Sampler."),
+                                                "(EmoCAST Crop Portrait makes one). EmoCAST Sampler animates "
+                                                "this image, so it is connected here only."),
                 face_models_input(),
                 io.Float.Input("expand_ratio", default=1.2, min=1.0, max=2.0, step=0.05, round=0.01,
                                tooltip="How far the face mask reaches beyond the face oval (1.2 in the "
@@ -72,8 +76,9 @@ class FaceAnalysis(io.ComfyNode):
                                          "embedding the original code falls back to when it finds no face."),
             ],
             outputs=[
-                Face.Output("face", display_name="face",
-                            tooltip="Landmarks, identity and mask settings for EmoCAST Sampler."),
+                EmoCASTFace.Output("face", display_name="face",
+                                   tooltip="The portrait with its landmarks, identity and mask settings, for "
+                                           "EmoCAST Sampler."),
                 io.Mask.Output("face_region", display_name="face_region",
                                tooltip="Expanded face box (what the face locator sees)."),
                 io.Mask.Output("face_mask", display_name="face_mask",
@@ -94,17 +99,16 @@ class FaceAnalysis(io.ComfyNode):
         rgb = to_uint8(portrait)
         folder = face_folder(face_models)
         landmarks = detect_landmarks(folder, rgb)
+        embedding, note = None, "identity off: zero embedding"  # the sampler sizes the zeros to its model
         if identity:
             try:
                 found = face_lib.face_identity(face_lib.load_face_analysis(folder), rgb)
             except ValueError as e:
                 raise EmoCASTInputError(f"image: {e}") from e
-            embedding, note = found.embedding, found.note
-        else:
-            embedding, note = np.zeros(512, np.float32), "identity off: zero embedding"
+            embedding, note = np.asarray(found.embedding, np.float32), found.note
         h, w = rgb.shape[:2]
         masks = face_lib.compute_masks(landmarks, h, w, expand_ratio, image_size=PREVIEW_MASK_SIZE)
-        info = FaceInfo(portrait.clone(), landmarks, np.asarray(embedding, np.float32), expand_ratio, note)
+        info = FaceInfo(portrait.clone(), landmarks, embedding, expand_ratio, note)
         previews = [mask_from_u8(m, h, w) for m in (masks.face_mask, masks.sep_face, masks.sep_lip,
                                                      masks.sep_background)]
         return io.NodeOutput(info, *previews, ui=ui.PreviewText(note))
@@ -130,8 +134,8 @@ class CropPortrait(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("portrait", display_name="portrait", tooltip="Square face-centred crop, size x size."),
-                CropSocket.Output("crop_info", display_name="crop_info",
-                                  tooltip="Where the crop lies in the source image."),
+                EmoCASTCropInfo.Output("crop_info", display_name="crop_info",
+                                       tooltip="Where the crop lies in the photo, for EmoCAST Paste Back."),
             ],
         )
 
@@ -146,6 +150,49 @@ class CropPortrait(io.ComfyNode):
         crop, where = face_lib.crop_portrait(rgb, landmarks, scale)
         out = np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
         pixels = torch.from_numpy(out.astype(np.float32) / 255)[None]
-        info = CropInfo(where.x0, where.y0, where.side, size, rgb.shape[:2])
-        return io.NodeOutput(pixels, info, ui=ui.PreviewText(f"{where.side}x{where.side} crop at ({where.x0}, "
-                                                             f"{where.y0}) -> {size}x{size}"))
+        return io.NodeOutput(pixels, where, ui=ui.PreviewText(f"{where.side}x{where.side} crop at ({where.x0}, "
+                                                              f"{where.y0}) -> {size}x{size}"))
+
+
+class PasteBack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EmoCASTPasteBack",
+            display_name="EmoCAST Paste Back",
+            category="EmoCAST",
+            description="Puts the generated portrait video back into the original photo: every frame is "
+                        "resized to the crop and blended in where EmoCAST Crop Portrait cut it out, with a "
+                        "feathered edge, so the video has the photo's own size and aspect ratio.",
+            inputs=[
+                io.Image.Input("frames", tooltip="The generated frames (EmoCAST Sampler's frames)."),
+                EmoCASTCropInfo.Input("crop_info", tooltip="From the EmoCAST Crop Portrait node that made the "
+                                                           "portrait."),
+                io.Image.Input("photo", tooltip="The photo that EmoCAST Crop Portrait cropped (the same image "
+                                                "connected to its input)."),
+                io.Int.Input("feather", default=16, min=0, max=256,
+                             tooltip="Width in pixels of the soft edge over which the frames blend into the "
+                                     "photo (0: hard edge). Crop edges on the photo border need no blend."),
+            ],
+            outputs=[io.Image.Output("pasted", display_name="frames",
+                                     tooltip="The frames at the photo's size, for Create Video.")],
+        )
+
+    @classmethod
+    def execute(cls, frames: torch.Tensor, crop_info: face_lib.PortraitCrop, photo: torch.Tensor,
+                feather: int) -> io.NodeOutput:
+        base = single_image(photo, "photo").movedim(-1, 0).float()
+        if tuple(base.shape[1:]) != (crop_info.photo_height, crop_info.photo_width):
+            raise EmoCASTInputError(f"photo: is {base.shape[2]}x{base.shape[1]} but crop_info comes from a "
+                                    f"{crop_info.photo_width}x{crop_info.photo_height} photo; connect the image "
+                                    "that went into EmoCAST Crop Portrait")
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise EmoCASTInputError(f"frames: expected a ComfyUI IMAGE batch [frames, height, width, 3], got shape "
+                                    f"{tuple(frames.shape)}")
+        out = torch.empty(len(frames), *base.shape[1:], 3)
+        for start in range(0, len(frames), PASTE_CHUNK):
+            chunk = frames[start:start + PASTE_CHUNK].movedim(-1, 1)
+            out[start:start + PASTE_CHUNK] = frames_to_image(face_lib.paste_back(base, chunk, crop_info, feather))
+        text = (f"{len(frames)} frame(s) pasted into the {crop_info.photo_width}x{crop_info.photo_height} photo at "
+                f"({crop_info.x0}, {crop_info.y0}), {crop_info.side}px, feather {feather}px")
+        return io.NodeOutput(out, ui=ui.PreviewText(text))

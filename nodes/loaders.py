@@ -11,7 +11,7 @@ from emocast_lib import layout
 from emocast_lib.config import PRECISIONS
 
 from . import paths
-from .sockets import Model
+from .sockets import EmoCASTModel
 from .types import EmoCASTInputError
 
 
@@ -54,10 +54,11 @@ class ModelLoader(io.ComfyNode):
                                        "bf16 on most GPUs, fp32 on the CPU; --fp16-unet/--bf16-unet/--fp32-unet "
                                        "apply). fp16/bf16/fp32: weights and computation in that precision."),
             ],
-            outputs=[Model.Output("model", display_name="model",
-                                  tooltip="The EmoCAST network, managed by ComfyUI like its own models: loaded "
-                                          "to the GPU for sampling, partly kept in RAM and streamed when VRAM is "
-                                          "short, offloaded when other models need the memory.")],
+            outputs=[EmoCASTModel.Output("model", display_name="model",
+                                         tooltip="The EmoCAST network, managed by ComfyUI like its own models: "
+                                                 "loaded to the GPU for sampling, partly kept in RAM and streamed "
+                                                 "when VRAM is short, offloaded when other models need the "
+                                                 "memory.")],
         )
 
     @classmethod
@@ -68,7 +69,7 @@ class ModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint: str, precision: str) -> io.NodeOutput:
-        from emocast_lib.checkpoint import load_net
+        from emocast_lib.checkpoint import STEPS_KEY, load_net, read_metadata
 
         path = paths.checkpoint_path(checkpoint)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
@@ -85,4 +86,7 @@ class ModelLoader(io.ComfyNode):
         model = patcher_class(net, load_device=load_device, offload_device=offload_device)
         if compute != weight:
             model.set_model_compute_dtype(compute)
+        declared = read_metadata(path).get(STEPS_KEY, "")
+        if declared.isdigit() and int(declared) > 0:  # the sampler's steps 0 means this count
+            model.model_options[STEPS_KEY] = int(declared)
         return io.NodeOutput(model)

@@ -14,7 +14,7 @@ from emocast_lib import layout
 
 FOLDER = "emocast"
 # Sub-folders of models/emocast that hold the companion models, not network checkpoints.
-COMPANION_DIRS = ("wav2vec", "face_analysis", "audio_separator")
+COMPANION_DIRS = ("face_analysis", "audio_separator")
 LANDMARKER_NAME = Path(layout.LANDMARKER.name).name
 SEPARATOR_DIR = Path(layout.SEPARATOR.name).parent.as_posix()
 
@@ -74,3 +74,9 @@ def separator_models() -> dict[str, Path]:
 def missing_folder(kind: str, name: str, file: layout.ModelFile) -> str:
     return (f"{kind}: '{name}' not found in {where()}. Put the {file.what} at models/{FOLDER}/{file.name} "
             f"(download: {file.source}), then refresh the browser page")
+
+
+def missing_face_models(name: str) -> str:
+    files = "; ".join(f"models/{f.folder}/{f.name} from {f.source}" for f in (*layout.IDENTITY, layout.LANDMARKER))
+    return (f"face_models: '{name}' not found in {where()}: no folder with {LANDMARKER_NAME}. Download {files}, "
+            "then refresh the browser page")

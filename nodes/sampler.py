@@ -1,6 +1,7 @@
 """EmoCAST Sampler: the temporal sampler, clip by clip, with ComfyUI progress, previews and interrupt."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -10,32 +11,33 @@ import comfy.utils
 import folder_paths
 import latent_preview
 import torch
+from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
-from emocast_lib.config import SamplingConfig
+from emocast_lib.checkpoint import STEPS_KEY
+from emocast_lib.config import SCHEDULERS, SamplingConfig
+from emocast_lib.job import LIMITS, JobError, sampling_config
 from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
 from emocast_lib.video import Mp4Writer
 
-from .convert import comfy_vae, frames_to_image, latents_to_comfy, single_image, to_uint8
+from .convert import comfy_vae, frames_to_image, latents_to_comfy, to_uint8
 from .loaders import compute_dtype
-from .sockets import Audio, Emotion as EmotionSocket, Face, Model
+from .sockets import EmoCASTAudio, EmoCASTEmotion, EmoCASTFace, EmoCASTModel
 from .types import AudioCond, EmoCASTInputError, EmotionCond, FaceInfo
 
 
-def check_inputs(net, portrait: torch.Tensor, face: FaceInfo, audio: AudioCond, emotion: EmotionCond) -> None:
+def check_inputs(net, face: FaceInfo, audio: AudioCond, emotion: EmotionCond) -> None:
     """Mismatches between the pieces, named by input, before any heavy work."""
     cfg = net.config
-    if portrait.shape != face.image.shape or not torch.equal(portrait, face.image.to(portrait.device)):
-        raise EmoCASTInputError("portrait: is not the image EmoCAST Face Analysis analysed; connect the same "
-                                "image to both nodes")
-    h, w = portrait.shape[:2]
+    h, w = face.image.shape[:2]
     if h != w:
-        raise EmoCASTInputError(f"portrait: is {w}x{h}; EmoCAST takes a square, face-centred portrait. Put an "
-                                f"EmoCAST Crop Portrait node (size {cfg.sample_size}) before Face Analysis")
+        raise EmoCASTInputError(f"face: the portrait EmoCAST Face Analysis analysed is {w}x{h}; EmoCAST takes a "
+                                f"square, face-centred portrait. Put an EmoCAST Crop Portrait node (size "
+                                f"{cfg.sample_size}) before Face Analysis")
     if h < cfg.sample_size // 2:
-        raise EmoCASTInputError(f"portrait: is only {w}x{h} pixels, less than half the {cfg.sample_size}px the "
-                                f"model works at; use a larger photo through EmoCAST Crop Portrait (size "
+        raise EmoCASTInputError(f"face: the portrait is only {w}x{h} pixels, less than half the {cfg.sample_size}px "
+                                f"the model works at; use a larger photo through EmoCAST Crop Portrait (size "
                                 f"{cfg.sample_size})")
     layers, channels = audio.windows.shape[-2:]
     if (layers, channels) != (cfg.audio_proj.layers, cfg.audio_proj.channels):
@@ -45,9 +47,32 @@ def check_inputs(net, portrait: torch.Tensor, face: FaceInfo, audio: AudioCond, 
     if emotion.width != cfg.unet.cross_attention_dim:
         raise EmoCASTInputError(f"emotion: is {emotion.width} wide; this model takes {cfg.unet.cross_attention_dim} "
                                 "(CLIP-L). Encode the emotion with clip_l in Load CLIP, type stable_diffusion")
-    if face.identity.shape[-1] != cfg.image_proj.embedding_dim:
+    if face.identity is not None and face.identity.shape[-1] != cfg.image_proj.embedding_dim:
         raise EmoCASTInputError(f"face: identity embedding has {face.identity.shape[-1]} values; this model "
                                 f"takes {cfg.image_proj.embedding_dim}")
+
+
+def weight_input(name: str, tooltip: str) -> io.Float.Input:
+    low, high = LIMITS[name]  # the ranges the CLI and batch accept too
+    return io.Float.Input(name, default=1.0, min=low, max=high, step=0.05, round=0.01, tooltip=tooltip)
+
+
+def lever_inputs() -> list[io.Input]:
+    """The experimental speed levers; they come last in both samplers so that widget values saved by
+    workflows from before them stay aligned."""
+    return [
+        io.Combo.Input("scheduler", options=list(SCHEDULERS), default=SamplingConfig.scheduler, optional=True,
+                       tooltip="Experimental speed lever: the sampler. ddim is the released one; dpmpp_2m and "
+                               "uni_pc aim at its result in fewer steps (judge the output yourself)."),
+        io.Float.Input("cfg_end", default=SamplingConfig.cfg_end, min=LIMITS["cfg_end"][0],
+                       max=LIMITS["cfg_end"][1], step=0.05, round=0.01, optional=True,
+                       tooltip="Experimental speed lever: guidance for this fraction of the steps only, the rest "
+                               "runs half the batch. 1 is the released setting."),
+        io.Int.Input("cache_interval", default=SamplingConfig.cache_interval, min=int(LIMITS["cache_interval"][0]),
+                     max=int(LIMITS["cache_interval"][1]), optional=True,
+                     tooltip="Experimental speed lever: a full network pass every N steps, reusing its deep "
+                             "features in between (DeepCache). 1 is the released setting."),
+    ]
 
 
 class Sampler(io.ComfyNode):
@@ -61,25 +86,28 @@ class Sampler(io.ComfyNode):
                         "guidance), each clip continuing from the last frames of the previous one. Progress "
                         "counts clips x steps; Cancel stops within one step.",
             inputs=[
-                Model.Input("model", tooltip="From EmoCAST Model Loader."),
+                EmoCASTModel.Input("model", tooltip="From EmoCAST Model Loader."),
                 io.Vae.Input("vae", tooltip="SD1.5 VAE (sd-vae-ft-mse) from core Load VAE."),
-                io.Image.Input("portrait", tooltip="The square portrait, the same image connected to EmoCAST "
-                                                   "Face Analysis. Resized to the model size."),
-                Face.Input("face", tooltip="From EmoCAST Face Analysis."),
-                Audio.Input("emocast_audio", tooltip="From EmoCAST Audio Encode: sets the frame count and fps."),
-                EmotionSocket.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion Schedule."),
-                io.Int.Input("steps", default=40, min=1, max=200,
-                             tooltip="Denoising steps per clip (40 in the original)."),
-                io.Float.Input("cfg", default=3.5, min=0.0, max=20.0, step=0.1, round=0.01,
+                EmoCASTFace.Input("face", tooltip="From EmoCAST Face Analysis: the portrait to animate (resized "
+                                                  "to the model size) and what was found in it."),
+                EmoCASTAudio.Input("emocast_audio", tooltip="From EmoCAST Audio Encode: sets the frame count and "
+                                                            "fps."),
+                EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
+                                                        "Schedule."),
+                io.Int.Input("steps", default=0, min=0, max=int(LIMITS["steps"][1]),
+                             tooltip="Denoising steps per clip. 0: the count the checkpoint declares, else 40 as "
+                                     "the original (the released EmoCAST declares none: 40; the tiny test "
+                                     "models declare 4)."),
+                io.Float.Input("cfg", default=3.5, min=LIMITS["cfg"][0], max=LIMITS["cfg"][1], step=0.1,
+                               round=0.01,
                                tooltip="Guidance scale (3.5 in the original); 1 disables the guidance effect."),
-                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=42, min=int(LIMITS["seed"][0]), max=int(LIMITS["seed"][1]),
+                             control_after_generate=True,
                              tooltip="Seed of the initial noise of every clip."),
-                io.Float.Input("pose_weight", default=1.0, min=0.0, max=3.0, step=0.05, round=0.01,
-                               tooltip="Strength of the audio on head pose (background-mask attention)."),
-                io.Float.Input("face_weight", default=1.0, min=0.0, max=3.0, step=0.05, round=0.01,
-                               tooltip="Strength of the audio on facial expression (face-mask attention)."),
-                io.Float.Input("lip_weight", default=1.0, min=0.0, max=3.0, step=0.05, round=0.01,
-                               tooltip="Strength of the audio on lip motion (lip-mask attention)."),
+                weight_input("pose_weight", "Strength of the audio on head pose (background-mask attention)."),
+                weight_input("face_weight", "Strength of the audio on facial expression (face-mask attention)."),
+                weight_input("lip_weight", "Strength of the audio on lip motion (lip-mask attention)."),
+                *lever_inputs(),
             ],
             outputs=[
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames, trimmed to the speech."),
@@ -92,12 +120,17 @@ class Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
-                emotion: EmotionCond, steps: int, cfg: float, seed: int, pose_weight: float, face_weight: float,
-                lip_weight: float) -> io.NodeOutput:
+    def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
+                cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
+                scheduler: str = SamplingConfig.scheduler, cfg_end: float = SamplingConfig.cfg_end,
+                cache_interval: int = SamplingConfig.cache_interval,
+                portrait: torch.Tensor | None = None) -> io.NodeOutput:
+        # `portrait`: the input before 0.2.0, still linked in workflows saved then (ComfyUI passes it on);
+        # unused, the portrait comes with `face`, so those workflows keep running.
         frames, latents = [], []
-        for clip in sample_clips(model, vae, portrait, face, emocast_audio, emotion, steps, cfg, seed,
-                                 (pose_weight, face_weight, lip_weight)):
+        levers = (scheduler, cfg_end, cache_interval)
+        for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
+                                 (pose_weight, face_weight, lip_weight), levers):
             frames.append(clip.frames)
             latents.append(clip.latents)
         return io.NodeOutput(frames_to_image(torch.cat(frames)), emocast_audio.audio, float(emocast_audio.fps),
@@ -118,49 +151,62 @@ class SamplerToVideo(io.ComfyNode):
             description="Same as EmoCAST Sampler, but writes an mp4 with the speech to ComfyUI's output "
                         "folder clip by clip instead of returning frames: for long audio, memory does not "
                         "grow with its length.",
-            inputs=[*base.inputs,
+            inputs=[*base.inputs[:-len(lever_inputs())],
                     io.String.Input("filename_prefix", default="EmoCAST/talking_portrait",
-                                    tooltip="Output file name prefix, inside ComfyUI's output folder.")],
+                                    tooltip="Output file name prefix, inside ComfyUI's output folder."),
+                    *lever_inputs()],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
-                emotion: EmotionCond, steps: int, cfg: float, seed: int, pose_weight: float, face_weight: float,
-                lip_weight: float, filename_prefix: str) -> io.NodeOutput:
+    def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
+                cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
+                filename_prefix: str, scheduler: str = SamplingConfig.scheduler,
+                cfg_end: float = SamplingConfig.cfg_end, cache_interval: int = SamplingConfig.cache_interval,
+                portrait: torch.Tensor | None = None) -> io.NodeOutput:
+        # `portrait`: the removed input of workflows saved before 0.2.0 (see Sampler.execute), unused
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
         file = f"{name}_{counter:05}_.mp4"
         sound = emocast_audio.audio
-        writer = Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0].mean(0).cpu().numpy(),
-                           int(sound["sample_rate"]))
-        try:
-            for clip in sample_clips(model, vae, portrait, face, emocast_audio, emotion, steps, cfg, seed,
-                                     (pose_weight, face_weight, lip_weight)):
+        with Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0], int(sound["sample_rate"]),
+                       metadata=workflow_metadata(cls.hidden)) as writer:  # the sound keeps its rate and channels
+            for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
+                                     (pose_weight, face_weight, lip_weight), (scheduler, cfg_end, cache_interval)):
                 writer.write(clip.frames)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
 
 
-def sample_clips(model, vae, portrait: torch.Tensor, face: FaceInfo, emocast_audio: AudioCond,
-                 emotion: EmotionCond, steps: int, cfg: float, seed: int,
-                 weights: tuple[float, float, float]) -> Iterator[ClipResult]:
+def workflow_metadata(hidden) -> dict[str, str]:
+    """What core SaveVideo embeds (comfy_extras/nodes_video.py): every extra_pnginfo entry (the UI workflow)
+    and the prompt, JSON-encoded, so the mp4 can be dropped back onto ComfyUI; none with --disable-metadata."""
+    if args.disable_metadata:
+        return {}
+    tags = {key: json.dumps(value) for key, value in (hidden.extra_pnginfo or {}).items()}
+    if hidden.prompt is not None:
+        tags["prompt"] = json.dumps(hidden.prompt)
+    return tags
+
+
+def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
+                 cfg: float, seed: int, weights: tuple[float, float, float],
+                 levers: tuple[str, float, int]) -> Iterator[ClipResult]:
     """Checks, then the library's clip generator with ComfyUI's progress bar, previews and Cancel."""
     net = model.model
-    image = single_image(portrait, "portrait")
-    check_inputs(net, image, face, emocast_audio, emotion)
-    try:
-        inputs = make_portrait(to_uint8(image), face.landmarks, face.identity, net.config.sample_size,
+    check_inputs(net, face, emocast_audio, emotion)
+    try:  # identity None: the library's no-identity embedding (zeros as wide as this model's)
+        inputs = make_portrait(to_uint8(face.image), face.landmarks, face.identity, net.config.sample_size,
                                face.expand_ratio)
     except ValueError as e:
-        raise EmoCASTInputError(f"portrait: {e}") from e
+        raise EmoCASTInputError(f"face: {e}") from e
     audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
-    settings = SamplingConfig(steps=steps, cfg_scale=cfg, frames_per_clip=emocast_audio.clip_length,
-                              fps=emocast_audio.fps, motion_scale=weights, seed=seed)
+    # 0 steps: the count EmoCAST Model Loader found declared in the checkpoint (kept in the model's options)
+    steps = steps or model.model_options.get(STEPS_KEY) or SamplingConfig.steps
+    try:
+        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length, *levers)
+    except JobError as e:
+        raise EmoCASTInputError(str(e)) from e
     cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
 
     mm.load_models_gpu([model])

@@ -1,8 +1,9 @@
-"""The pack's custom socket types (links between them are type-checked by name)."""
+"""The pack's custom socket types (links between them are type-checked by the type name). Each socket
+object is named after its type, so none shadows an `io.*` socket or a library class."""
 from comfy_api.latest import io
 
-Model = io.Custom("EMOCAST_MODEL")
-Audio = io.Custom("EMOCAST_AUDIO")
-Emotion = io.Custom("EMOCAST_EMOTION")
-Face = io.Custom("EMOCAST_FACE")
-CropInfo = io.Custom("EMOCAST_CROP_INFO")
+EmoCASTModel = io.Custom("EMOCAST_MODEL")
+EmoCASTAudio = io.Custom("EMOCAST_AUDIO")
+EmoCASTEmotion = io.Custom("EMOCAST_EMOTION")
+EmoCASTFace = io.Custom("EMOCAST_FACE")
+EmoCASTCropInfo = io.Custom("EMOCAST_CROP_INFO")  # carries emocast_lib.face.PortraitCrop

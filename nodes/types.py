@@ -1,8 +1,9 @@
 """What travels on the pack's EMOCAST_* sockets. Plain dataclasses, no ComfyUI import, so the
-conversions can be tested without a ComfyUI tree."""
+conversions can be tested without a ComfyUI tree. EMOCAST_CROP_INFO carries the library's own
+`emocast_lib.face.PortraitCrop`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,21 +55,11 @@ class EmotionCond:
 
 @dataclass
 class FaceInfo:
-    """EMOCAST_FACE: everything the sampler needs from the portrait apart from its pixels."""
+    """EMOCAST_FACE: the analysed portrait and everything the sampler needs from it, so the portrait is
+    wired once (into Face Analysis)."""
 
-    image: torch.Tensor  # (H, W, 3) 0..1, the analysed portrait (checked against the sampler's portrait)
+    image: torch.Tensor  # (H, W, 3) 0..1, the analysed portrait
     landmarks: np.ndarray  # (478, 2) pixels
     identity: np.ndarray  # (512,) raw ArcFace embedding; zeros = no identity
     expand_ratio: float
     note: str = ""
-
-
-@dataclass
-class CropInfo:
-    """EMOCAST_CROP_INFO: where the square crop came from, to paste results back."""
-
-    x0: int
-    y0: int
-    side: int
-    size: int  # side of the output image
-    source_hw: tuple[int, int] = field(default=(0, 0))

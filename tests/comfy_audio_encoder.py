@@ -32,7 +32,8 @@ def core_audio_encoder(path: Path) -> AudioEncoderModel:
     if path.is_file():
         from comfy_extras.nodes_audio_encoder import AudioEncoderLoader
 
-        folder_paths.add_model_folder_path("audio_encoders", str(path.parent))
+        # first in the list: another test's file of the same name in an earlier folder must not be the one read
+        folder_paths.add_model_folder_path("audio_encoders", str(path.parent), is_default=True)
         return AudioEncoderLoader.execute(path.name)[0]
     return _core_classes_at_folder_sizes(path)
 

@@ -36,8 +36,8 @@ from emocast_lib.video import Mp4Writer
 from packimport import pack_module
 
 ROOT = Path(__file__).resolve().parents[1]
-PORTRAIT = EXAMPLES / "portrait.png"
-SPEECH = EXAMPLES / "speech.wav"
+PORTRAIT = EXAMPLES / "emocast_portrait.png"
+SPEECH = EXAMPLES / "emocast_speech.wav"
 LONG_PROMPT = " ".join(["a very worried and slightly surprised portrait"] * 12)
 
 
@@ -412,29 +412,37 @@ def test_bad_checkpoint(case, message, broken, tiny_models, tmp_path, capsys, no
 @pytest.mark.parametrize("which, sub, data, message", [
     (layout.VAE, None, "half", "is not a readable .safetensors file, it is truncated or damaged"),
     (layout.CLIP_L, None, "half", "is not a readable .safetensors file, it is truncated or damaged"),
-    (layout.WAV2VEC, "config.json", b"{not json", "config.json is not valid JSON"),
-    (layout.WAV2VEC, "config.json", b'{"model_type": "bert"}', "is not a wav2vec2 config"),
+    (layout.WAV2VEC, None, "half", "is not a readable .safetensors file, it is truncated or damaged"),
+    (layout.WAV2VEC, None, "clip_l", "is not a wav2vec2-base (no 12-layer wav2vec2 weights)"),
     (layout.LANDMARKER, None, b"not a bundle", "is not a MediaPipe .task bundle"),
 ])
 def test_damaged_model_file(which, sub, data, message, tiny_models, tmp_path, capsys, no_model_load):
     original = (which.path(tiny_models) / sub if sub else which.path(tiny_models)).read_bytes()
-    models = models_copy(tiny_models, tmp_path / "models", which,
-                         original[: len(original) // 2] if data == "half" else data, sub)
+    if data == "half":
+        data = original[: len(original) // 2]
+    elif data == "clip_l":  # a whole, readable file of another kind
+        data = layout.CLIP_L.path(tiny_models).read_bytes()
+    models = models_copy(tiny_models, tmp_path / "models", which, data, sub)
     err = cli_error(capsys, "--models", str(models), "--out", str(tmp_path / "o.mp4"))
     assert "error: --models: " in err and str(which.path(models)) in err and message in err
 
 
 def test_damage_only_found_by_loading_is_one_line_too(broken, tiny_models, tmp_path, capsys):
-    """Files whose headers are fine but whose contents are not: NaN weights, a wav2vec2 config of the wrong
-    kind of values. They pass the cheap checks, so the load reports them, still as one line."""
+    """Files whose headers are fine but whose contents are not: NaN weights, a wav2vec2 weight of the wrong
+    shape. They pass the cheap checks, so the load reports them, still as one line."""
     err = cli_error(capsys, "--models", str(tiny_models), "--checkpoint", str(broken["net_nan"]), "--no-identity",
                     "--out", str(tmp_path / "o.mp4"))
     assert f"error: --checkpoint: {broken['net_nan']}: the weight" in err and "holds NaN or infinite values" in err
-    config = (layout.WAV2VEC.path(tiny_models) / "config.json").read_text().replace('"hidden_size": 32',
-                                                                                      '"hidden_size": "wide"')
-    models = models_copy(tiny_models, tmp_path / "models", layout.WAV2VEC, config.encode(), "config.json")
+    from safetensors.torch import load_file, save_file
+
+    wav2vec = load_file(layout.WAV2VEC.path(tiny_models))
+    key = next(k for k in wav2vec if k.endswith("encoder.layers.11.attention.k_proj.weight"))
+    wav2vec[key] = wav2vec[key][:10]
+    save_file(wav2vec, tmp_path / "wav2vec2.safetensors")
+    models = models_copy(tiny_models, tmp_path / "models", layout.WAV2VEC,
+                         (tmp_path / "wav2vec2.safetensors").read_bytes())
     err = cli_error(capsys, "--models", str(models), "--no-identity", "--out", str(tmp_path / "o.mp4"))
-    assert "cannot be loaded as the wav2vec2-base-960h audio encoder folder" in err
+    assert "cannot be loaded as the wav2vec2-base-960h speech encoder" in err
     assert not (tmp_path / "o.mp4").exists()
 
 
@@ -460,13 +468,13 @@ def test_make_tiny_models_never_replaces_a_real_file(tmp_path, capsys):
 
 def test_force_replaces_tiny_models_only(tiny_models, tmp_path):
     check_tiny_target(tiny_models, force=True)  # a tree of tiny models may be replaced with --force
-    with pytest.raises(ValueError, match="already holds 10 of the files"):
+    with pytest.raises(ValueError, match="already holds 8 of the files"):
         check_tiny_target(tiny_models)
     models = models_copy(tiny_models, tmp_path / "models", layout.CLIP_L, b"not a tiny model")
     with pytest.raises(ValueError, match="holds files that are not tiny test models: text_encoders/clip_l.safetensors"):
         make_tiny_models(models, force=True)
     assert layout.CLIP_L.path(models).read_bytes() == b"not a tiny model"
-    faces = layout.FACE_ANALYSIS.path(tmp_path / "real")
+    faces = layout.face_dir(tmp_path / "real")
     faces.mkdir(parents=True)
     (faces / "scrfd_10g_bnkps.onnx").write_bytes(b"real detector")
     with pytest.raises(ValueError, match="scrfd_10g_bnkps.onnx"):  # tiny detectors would mix with real ones

@@ -202,8 +202,8 @@ def inputs(tmp_path_factory) -> Path:
     text file named bad.png."""
     folder = tmp_path_factory.mktemp("batch") / "inputs"
     folder.mkdir()
-    (folder / "portrait.png").write_bytes((EXAMPLES / "portrait.png").read_bytes())
-    wave, rate = soundfile.read(EXAMPLES / "speech.wav", dtype="float32")
+    (folder / "portrait.png").write_bytes((EXAMPLES / "emocast_portrait.png").read_bytes())
+    wave, rate = soundfile.read(EXAMPLES / "emocast_speech.wav", dtype="float32")
     soundfile.write(folder / "speech.wav", wave[: int(0.7 * rate)], rate)
     (folder / "bad.png").write_text("not an image")
     return folder

@@ -28,7 +28,7 @@ def stereo_speech(tmp_path_factory) -> Path:
     second padded); the channels differ so that a mono mix would show."""
     import soxr
 
-    wave, rate = soundfile.read(EXAMPLES / "speech.wav", dtype="float32")
+    wave, rate = soundfile.read(EXAMPLES / "emocast_speech.wav", dtype="float32")
     stereo = soxr.resample(np.stack([wave, -0.5 * wave], axis=1), rate, 44100)[: int(0.7 * 44100)]
     path = tmp_path_factory.mktemp("audio") / "stereo44k.wav"
     soundfile.write(path, stereo, 44100)

@@ -57,7 +57,7 @@ def test_registry_metadata():
 def test_icon_and_thumbnails_exist():
     icon = _pyproject()["tool"]["comfy"]["Icon"]
     assert (ROOT / icon.split("/main/", 1)[1]).is_file(), "the Icon URL must point at a file of the repo"
-    for workflow in (ROOT / "workflows").glob("*.json"):
+    for workflow in (ROOT / "example_workflows").glob("*.json"):
         assert workflow.with_suffix(".jpg").is_file(), f"{workflow.name} has no thumbnail"
 
 
@@ -82,6 +82,6 @@ def test_registry_archive_leaves_out_tests_and_dev_files():
     archive = tracked - set(_git("ls-files", "--cached", "--ignored", "--exclude-from=.comfyignore"))
     assert not [f for f in archive if f.startswith(("tests/", ".ci/", ".github/")) or f == "requirements-dev.txt"]
     assert {"__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE"} <= archive
-    assert {f for f in tracked if f.startswith(("nodes/", "emocast_lib/", "web/", "workflows/"))} <= archive
+    assert {f for f in tracked if f.startswith(("nodes/", "emocast_lib/", "web/", "example_workflows/"))} <= archive
     size = sum((ROOT / f).stat().st_size for f in archive if (ROOT / f).is_file())
     assert size < 5e6, f"the registry archive holds {size / 1e6:.1f} MB of files"  # the pack is ~2 MB

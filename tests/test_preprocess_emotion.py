@@ -13,7 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from emocast_lib.emotion import ComfyTextEncoder, HFTextEncoder, emotion_embeddings, emotion_schedule, encode_prompt
+from emocast_lib.emotion import HFTextEncoder, emotion_embeddings, emotion_schedule, encode_prompt
+from packimport import pack_module
+
+ComfyTextEncoder = pack_module("convert").ComfyTextEncoder
 
 START, END = 49406, 49407
 

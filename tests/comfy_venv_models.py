@@ -1,23 +1,23 @@
 """The pack's models inside a real ComfyUI, with ComfyUI's own objects: core's wav2vec2 (Load Audio Encoder's
 AUDIO_ENCODER) driven by EmoCAST Audio Encode against the reference features; the EmoCAST network built from
 ComfyUI's casting layers, partially loaded by ComfyUI's patcher, and run in bf16/fp16. On tiny stand-in models
-(`make-tiny-models`, NOT a real model). Runs in the ComfyUI venv with COMFY_DIR set, as tests/test_nodes_comfy.py
-(tests/test_comfy_nodes.py launches both); skipped otherwise.
+(`make-tiny-models`, NOT a real model). Runs in the ComfyUI venv with COMFY_DIR set, as tests/comfy_venv_nodes.py
+(tests/test_comfy_venv.py launches both); skipped otherwise.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
+import comfy_venv_nodes
 import numpy as np
 import pytest
-import test_nodes_comfy
 import torch
 
-# Importing test_nodes_comfy puts ComfyUI on sys.path, or skips this module where it is not importable. Its
+# Importing comfy_venv_nodes puts ComfyUI on sys.path, or skips this module where it is not importable. Its
 # fixtures: comfy_executor runs every node under inference mode as ComfyUI's executor does; `inputs` are what the
 # shipped workflow feeds the sampler.
-comfy_executor, models, inputs = test_nodes_comfy.comfy_executor, test_nodes_comfy.models, test_nodes_comfy.inputs
+comfy_executor, models, inputs = comfy_venv_nodes.comfy_executor, comfy_venv_nodes.models, comfy_venv_nodes.inputs
 
 import comfy.model_management as mm
 from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model as CoreWav2Vec2Model
