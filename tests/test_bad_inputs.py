@@ -128,9 +128,11 @@ def media(tmp_path_factory) -> dict[str, Path]:
         return p[name]
 
     portrait = Image.open(PORTRAIT).convert("RGB")
-    face = Image.open(ROOT.parent / "shared/fixtures/preprocess/faces/astronaut_flip_crop_448x384/image.png")
+    # a photo wider than tall with the face off-centre: the portrait on a larger grey canvas
+    wide = Image.new("RGB", (portrait.width * 7 // 5, portrait.height * 6 // 5), (128, 128, 128))
+    wide.paste(portrait, (portrait.width // 3, portrait.height // 10))
     p["wide"] = d / "wide.png"
-    face.convert("RGB").save(p["wide"])
+    wide.save(p["wide"])
     at("empty_png", "empty.png").write_bytes(b"")
     at("corrupt_png", "corrupt.png").write_bytes(bytes(range(256)) * 8)
     at("text_png", "notes.png").write_text("this is a text file named .png\n")
@@ -144,7 +146,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     rgba = portrait.convert("RGBA")
     rgba.save(at("rgba", "rgba.png"))
     portrait.convert("CMYK").save(at("cmyk", "cmyk.jpg"), quality=95)
-    sideways = face.convert("RGB").transpose(Image.Transpose.ROTATE_90)  # as a phone stores a portrait shot
+    sideways = wide.transpose(Image.Transpose.ROTATE_90)  # as a phone stores a portrait shot
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 clockwise to view
     sideways.save(at("exif", "exif_rotated.png"), exif=exif.tobytes())
@@ -244,7 +246,8 @@ def test_bad_photo(name, message, media, tiny_models, tmp_path, capsys, no_model
 def test_square_only_when_asked(media, tiny_models, tmp_path, capsys, no_model_load, untouched):
     err = cli_error(capsys, "--models", str(tiny_models), "--image", str(media["wide"]), "--crop", "none",
                     "--out", str(tmp_path / "o.mp4"))
-    assert f"--image: {media['wide']} is 448x384, not square, and --crop none keeps it whole; use --crop auto" in err
+    w, h = Image.open(media["wide"]).size
+    assert f"--image: {media['wide']} is {w}x{h}, not square, and --crop none keeps it whole; use --crop auto" in err
 
 
 @pytest.mark.parametrize("name", ["grey", "grey16", "rgba", "cmyk", "two_faces", "huge", "exif", "wide"])
