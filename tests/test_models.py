@@ -12,6 +12,7 @@ from torch import nn
 
 from emocast_lib.models import EmoCASTNet
 from emocast_lib.models.blocks import conv2d
+from emocast_lib.models.ops import SMALL_ROWS, WIDE_INPUT, linear
 from emocast_lib.pipeline import diffusers_vae
 from emocast_lib.tiny import TINY_NET, filled_net, filled_vae
 
@@ -23,6 +24,22 @@ def test_small_grid_conv_equals_conv2d(side: int, stride: int, bias: bool):
     conv = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias)
     x = torch.randn(3, 16, side, side)
     torch.testing.assert_close(conv2d(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 12, SMALL_ROWS, SMALL_ROWS + 1])
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_row_linear_equals_f_linear(rows: int, column_major: bool, bias: bool):
+    """The W x^T path (few rows of a wide input) computes F.linear, whatever the input's memory layout
+    (a column-major input is what a previous W x^T product hands on)."""
+    torch.manual_seed(rows)
+    width = WIDE_INPUT + 256
+    weight, b = torch.randn(96, width) / width**0.5, torch.randn(96) if bias else None
+    x = torch.randn(width, 1, rows).permute(1, 2, 0) if column_major else torch.randn(1, rows, width)
+    assert x.is_contiguous() != column_major
+    y = linear(x, weight, b)
+    assert y.shape == (1, rows, 96)
+    torch.testing.assert_close(y, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
 def test_small_grid_conv_under_inference_mode_and_weight_change():

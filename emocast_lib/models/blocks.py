@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import KV, Attention, DecoupledCrossAttention, FeedForward, attend
-from .ops import TorchOps, linear, own_weights
+from .ops import TorchOps, linear, own_weights, weight_product
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -51,9 +51,7 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return linear(x.flatten(1), _centre(conv, weight), bias)[:, :, None, None]
     cols = F.unfold(x, k, conv.dilation, p, s)  # (n, cin*kh*kw, L)
     oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
-    y = weight.flatten(1) @ cols.transpose(0, 1).reshape(cols.shape[1], -1)
-    if bias is not None:
-        y = y + bias[:, None]
+    y = weight_product(weight.flatten(1), cols.transpose(1, 2).reshape(-1, cols.shape[1]).t(), bias)
     return y.view(-1, n, oh, ow).transpose(0, 1).contiguous()
 
 
