@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import comfy.model_management as mm
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
@@ -29,6 +30,17 @@ def face_models_input() -> io.Combo.Input:
                           tooltip=f"Folder in models/{paths.FOLDER}/ with the face models, one file each: {files} "
                                   f"(models/{paths.FOLDER}/{layout.FACE_DIR}/ as in the Hallo/EmoCAST release; "
                                   "the template's missing-models list has their download links)")
+
+
+def onnx_providers() -> tuple[str, ...]:
+    """ONNX Runtime providers for InsightFace on ComfyUI's compute device: CUDA first when ComfyUI runs on an
+    NVIDIA GPU and the installed onnxruntime has CUDA (onnxruntime-gpu), as the reference does; else the CPU."""
+    if mm.get_torch_device().type == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            return ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return ("CPUExecutionProvider",)
 
 
 def face_folder(name: str) -> Path:
@@ -102,7 +114,7 @@ class FaceAnalysis(io.ComfyNode):
         embedding, note = None, "identity off: zero embedding"  # the sampler sizes the zeros to its model
         if identity:
             try:
-                found = face_lib.face_identity(face_lib.load_face_analysis(folder), rgb)
+                found = face_lib.face_identity(face_lib.load_face_analysis(folder, onnx_providers()), rgb)
             except ValueError as e:
                 raise EmoCASTInputError(f"image: {e}") from e
             embedding, note = np.asarray(found.embedding, np.float32), found.note

@@ -447,3 +447,17 @@ def test_speed_levers_reach_the_sampler_and_default_to_the_released_setting(inpu
         nodes_sampler.Sampler.execute(**inputs, cache_interval=0)
     names = [i.id for i in nodes_sampler.SamplerToVideo.define_schema().inputs]
     assert names[-4:] == ["filename_prefix", "scheduler", "cfg_end", "cache_interval"]
+
+
+def test_insightface_follows_comfyui_device(monkeypatch):
+    """On this CPU ComfyUI InsightFace runs on the CPU. With ComfyUI on an NVIDIA GPU (a stand-in device:
+    no GPU here) it asks for CUDA first when onnxruntime has it, and stays on the CPU when it does not."""
+    import onnxruntime
+
+    assert nodes_face.onnx_providers() == ("CPUExecutionProvider",)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert nodes_face.onnx_providers() == ("CPUExecutionProvider",)
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert nodes_face.onnx_providers() == ("CUDAExecutionProvider", "CPUExecutionProvider")
