@@ -401,36 +401,36 @@ def _safetensors_keys(path: Path) -> tuple[list[str] | None, str | None]:
         return None, f"{path} is not a readable .safetensors file, it is truncated or damaged ({_reason(e)})"
 
 
+def _companion_problem(path: Path, entry: layout.ModelFile, fits: Callable[[list[str]], bool],
+                       not_it: str) -> str | None:
+    """A companion .safetensors that does not read, or whose keys are not what `fits` expects (`not_it`
+    then says what it is not and what to do)."""
+    keys, problem = _safetensors_keys(path)
+    if problem:
+        return f"{problem}; download it again from {entry.source}"
+    return None if fits(keys) else f"{path} {not_it}"
+
+
 def _vae_problem(path: Path) -> str | None:
     from .companions import vae_format
 
-    keys, problem = _safetensors_keys(path)
-    if problem:
-        return f"{problem}; download it again from {layout.VAE.source}"
-    if vae_format(keys) is None:
-        return f"{path} is not an SD VAE (no sd-vae-ft-mse or TAESD weights); put {layout.VAE.name} there"
-    return None
+    return _companion_problem(path, layout.VAE, lambda keys: vae_format(keys) is not None,
+                              f"is not an SD VAE (no sd-vae-ft-mse or TAESD weights); put {layout.VAE.name} there")
 
 
 def _clip_problem(path: Path) -> str | None:
-    keys, problem = _safetensors_keys(path)
-    if problem:
-        return f"{problem}; download it again from {layout.CLIP_L.source}"
-    if not any(k.startswith("text_model.encoder.layers.11.") for k in keys):
-        return f"{path} is not a CLIP-L text encoder (no 12-layer text_model.* weights); put clip_l.safetensors there"
-    return None
+    return _companion_problem(path, layout.CLIP_L,
+                              lambda keys: any(k.startswith("text_model.encoder.layers.11.") for k in keys),
+                              "is not a CLIP-L text encoder (no 12-layer text_model.* weights); put "
+                              "clip_l.safetensors there")
 
 
 def _wav2vec_problem(path: Path) -> str | None:
     """wav2vec2-base in one .safetensors (the public checkpoint's keys or the bare Wav2Vec2Model ones)."""
-    keys, problem = _safetensors_keys(path)
-    if problem:
-        return f"{problem}; download it again from {layout.WAV2VEC.source}"
     needed = ("feature_extractor.conv_layers.0.conv.weight", "encoder.layers.11.attention.k_proj.weight")
-    if not all(any(k.endswith(n) for k in keys) for n in needed):
-        return (f"{path} is not a wav2vec2-base (no 12-layer wav2vec2 weights); download it again from "
-                f"{layout.WAV2VEC.source}")
-    return None
+    return _companion_problem(path, layout.WAV2VEC, lambda keys: all(any(k.endswith(n) for k in keys) for n in needed),
+                              "is not a wav2vec2-base (no 12-layer wav2vec2 weights); download it again from "
+                              f"{layout.WAV2VEC.source}")
 
 
 def _landmarker_problem(path: Path) -> str | None:

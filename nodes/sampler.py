@@ -75,6 +75,33 @@ def lever_inputs() -> list[io.Input]:
     ]
 
 
+def sampling_inputs() -> list[io.Input]:
+    """What both samplers take before their own inputs and the levers."""
+    return [
+        EmoCASTModel.Input("model", tooltip="From EmoCAST Model Loader."),
+        io.Vae.Input("vae", tooltip="SD1.5 VAE (sd-vae-ft-mse) from core Load VAE."),
+        EmoCASTFace.Input("face", tooltip="From EmoCAST Face Analysis: the portrait to animate (resized "
+                                          "to the model size) and what was found in it."),
+        EmoCASTAudio.Input("emocast_audio", tooltip="From EmoCAST Audio Encode: sets the frame count and "
+                                                    "fps."),
+        EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
+                                                "Schedule."),
+        io.Int.Input("steps", default=0, min=0, max=int(LIMITS["steps"][1]),
+                     tooltip="Denoising steps per clip. 0: the count the checkpoint declares, else 40 as "
+                             "the original (the released EmoCAST declares none: 40; the tiny test "
+                             "models declare 4)."),
+        io.Float.Input("cfg", default=3.5, min=LIMITS["cfg"][0], max=LIMITS["cfg"][1], step=0.1,
+                       round=0.01,
+                       tooltip="Guidance scale (3.5 in the original); 1 disables the guidance effect."),
+        io.Int.Input("seed", default=42, min=int(LIMITS["seed"][0]), max=int(LIMITS["seed"][1]),
+                     control_after_generate=True,
+                     tooltip="Seed of the initial noise of every clip."),
+        weight_input("pose_weight", "Strength of the audio on head pose (background-mask attention)."),
+        weight_input("face_weight", "Strength of the audio on facial expression (face-mask attention)."),
+        weight_input("lip_weight", "Strength of the audio on lip motion (lip-mask attention)."),
+    ]
+
+
 class Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -85,30 +112,7 @@ class Sampler(io.ComfyNode):
             description="Generates the talking portrait clip by clip (DDIM, v-prediction, classifier-free "
                         "guidance), each clip continuing from the last frames of the previous one. Progress "
                         "counts clips x steps; Cancel stops within one step.",
-            inputs=[
-                EmoCASTModel.Input("model", tooltip="From EmoCAST Model Loader."),
-                io.Vae.Input("vae", tooltip="SD1.5 VAE (sd-vae-ft-mse) from core Load VAE."),
-                EmoCASTFace.Input("face", tooltip="From EmoCAST Face Analysis: the portrait to animate (resized "
-                                                  "to the model size) and what was found in it."),
-                EmoCASTAudio.Input("emocast_audio", tooltip="From EmoCAST Audio Encode: sets the frame count and "
-                                                            "fps."),
-                EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
-                                                        "Schedule."),
-                io.Int.Input("steps", default=0, min=0, max=int(LIMITS["steps"][1]),
-                             tooltip="Denoising steps per clip. 0: the count the checkpoint declares, else 40 as "
-                                     "the original (the released EmoCAST declares none: 40; the tiny test "
-                                     "models declare 4)."),
-                io.Float.Input("cfg", default=3.5, min=LIMITS["cfg"][0], max=LIMITS["cfg"][1], step=0.1,
-                               round=0.01,
-                               tooltip="Guidance scale (3.5 in the original); 1 disables the guidance effect."),
-                io.Int.Input("seed", default=42, min=int(LIMITS["seed"][0]), max=int(LIMITS["seed"][1]),
-                             control_after_generate=True,
-                             tooltip="Seed of the initial noise of every clip."),
-                weight_input("pose_weight", "Strength of the audio on head pose (background-mask attention)."),
-                weight_input("face_weight", "Strength of the audio on facial expression (face-mask attention)."),
-                weight_input("lip_weight", "Strength of the audio on lip motion (lip-mask attention)."),
-                *lever_inputs(),
-            ],
+            inputs=[*sampling_inputs(), *lever_inputs()],
             outputs=[
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames, trimmed to the speech."),
                 io.Audio.Output("audio", display_name="audio", tooltip="The speech, exactly as long as the frames."),
@@ -143,7 +147,6 @@ class SamplerToVideo(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        base = Sampler.define_schema()
         return io.Schema(
             node_id="EmoCASTSamplerToVideo",
             display_name="EmoCAST Sampler (stream to video file)",
@@ -151,7 +154,7 @@ class SamplerToVideo(io.ComfyNode):
             description="Same as EmoCAST Sampler, but writes an mp4 with the speech to ComfyUI's output "
                         "folder clip by clip instead of returning frames: for long audio, memory does not "
                         "grow with its length.",
-            inputs=[*base.inputs[:-len(lever_inputs())],
+            inputs=[*sampling_inputs(),
                     io.String.Input("filename_prefix", default="EmoCAST/talking_portrait",
                                     tooltip="Output file name prefix, inside ComfyUI's output folder."),
                     *lever_inputs()],
