@@ -270,7 +270,7 @@ class _ProgressPrinter:
 
 
 def make_tiny(args: argparse.Namespace) -> int:
-    from .tiny import TinyModelsError, make_tiny_models
+    from .bench.tiny import TinyModelsError, make_tiny_models
 
     try:
         for path in make_tiny_models(args.dir, force=args.force):

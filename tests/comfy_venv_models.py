@@ -82,7 +82,7 @@ def test_single_file_reads_the_same_in_core_and_in_the_cli(tmp_path: Path, prepr
     from safetensors.torch import save_file
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from emocast_lib.tiny import fill_module
+    from emocast_lib.bench.tiny import fill_module
 
     sd = fill_module(Wav2Vec2Model(Wav2Vec2Config(**audio_lib.WAV2VEC2_BASE)), seed=5).state_dict()
     public = {"wav2vec2." + k.replace("parametrizations.weight.original0", "weight_g").replace(

@@ -422,8 +422,8 @@ def test_this_venv_has_what_install_py_promises():
 def test_steps_zero_runs_the_count_the_checkpoint_declares(inputs):
     """The Model Loader keeps the checkpoint's declared step count (the tiny net declares it); the sampler's
     steps 0 runs that many per clip, as the templates ask for."""
+    from emocast_lib.bench.tiny import TINY_STEPS
     from emocast_lib.checkpoint import STEPS_KEY
-    from emocast_lib.tiny import TINY_STEPS
 
     assert inputs["model"].model_options[STEPS_KEY] == TINY_STEPS
     totals = []

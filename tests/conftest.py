@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
-from emocast_lib.fill import fill_state_dict, tensor_sha256  # noqa: E402 (after the sys.path entry)
+from emocast_lib.bench.fill import fill_state_dict, tensor_sha256  # noqa: E402 (after the sys.path entry)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PARITY_VAR, PREPROCESS_VAR = "EMOCAST_PARITY_FIXTURES", "EMOCAST_PREPROCESS_FIXTURES"
@@ -117,7 +117,7 @@ def tiny_net_state_dict(parity_dir: Path, parity_config: dict) -> dict[str, torc
 def tiny_models(tmp_path_factory) -> Path:
     """One tree of tiny stand-in models (`make-tiny-models`: FAKE fill-rule weights, NOT EmoCAST) shared
     by every test of the session; tests must not change it."""
-    from emocast_lib.tiny import make_tiny_models
+    from emocast_lib.bench.tiny import make_tiny_models
 
     root = tmp_path_factory.mktemp("tiny_models")
     make_tiny_models(root)

@@ -17,7 +17,7 @@ def test_single_file_in_the_public_layout_loads_as_wav2vec2_base(tmp_path: Path)
     `wav2vec2.` prefix, weight_g/weight_v, lm_head, fp16 here."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from emocast_lib.tiny import fill_module
+    from emocast_lib.bench.tiny import fill_module
 
     sd = fill_module(Wav2Vec2Model(Wav2Vec2Config(**audio.WAV2VEC2_BASE)), seed=3).state_dict()
     rename = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}

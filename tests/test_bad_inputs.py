@@ -27,11 +27,11 @@ from PIL import Image
 
 from emocast_lib import audio as audio_lib
 from emocast_lib import job, layout
+from emocast_lib.bench.tiny import NOT_A_MODEL, check_tiny_target, make_tiny_models
 from emocast_lib.checkpoint import CONFIG_KEY, NOTE_KEY, STEPS_KEY, read_metadata
 from emocast_lib.cli import EXAMPLES, main
 from emocast_lib.files import OutputError
 from emocast_lib.job import JobError, JobSpec, ModelSettings, Session, check_job, run_job
-from emocast_lib.tiny import NOT_A_MODEL, check_tiny_target, make_tiny_models
 from emocast_lib.video import Mp4Writer
 from packimport import pack_module
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from emocast_lib import bench
+from emocast_lib.bench import measure as bench
+from emocast_lib.bench.tiny import TINY_NET, TINY_SEED, filled_net
 from emocast_lib.checkpoint import load_net
-from emocast_lib.tiny import TINY_NET, TINY_SEED, filled_net
 
 STAGES = ("reference_unet", "denoising_unet", "vae_encode", "vae_decode", "audio_proj", "image_proj", "face_locator",
           "prepare")

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import manifest_shape, read_manifest
+from emocast_lib.bench.tiny import TINY_PACK_NET, filled_net
 from emocast_lib.checkpoint import (
     CONFIG_KEY,
     NOTE_KEY,
@@ -27,7 +28,6 @@ from emocast_lib.checkpoint import (
 )
 from emocast_lib.cli import main
 from emocast_lib.config import NetConfig
-from emocast_lib.tiny import TINY_PACK_NET, filled_net
 from reference_config import read_net_config
 
 

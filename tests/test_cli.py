@@ -14,10 +14,10 @@ import pytest
 import soundfile
 
 from emocast_lib import layout
+from emocast_lib.bench.tiny import TINY_STEPS, is_tiny_model, planned_files
 from emocast_lib.cli import EXAMPLES, build_parser, main
 from emocast_lib.config import DEFAULT_EMOTION, SamplingConfig
 from emocast_lib.job import JobSpec
-from emocast_lib.tiny import TINY_STEPS, is_tiny_model, planned_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

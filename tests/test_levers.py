@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from emocast_lib import pipeline
+from emocast_lib.bench.tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 from emocast_lib.config import REGIONS, SamplingConfig
 from emocast_lib.models import DeepFeatures
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, ReferenceBank, diffusers_vae, iter_clips
 from emocast_lib.sampling import SCHEDULERS, check_settings, guided_steps, make_scheduler
-from emocast_lib.tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 
 FRAMES, MOTION = 4, 2
 

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from tiny_run import run_tiny
 from torch import nn
 
+from emocast_lib.bench.tiny import TINY_NET, filled_net, filled_vae
 from emocast_lib.models import EmoCASTNet
 from emocast_lib.models.blocks import conv2d
 from emocast_lib.models.ops import SMALL_ROWS, WIDE_INPUT, linear
 from emocast_lib.pipeline import diffusers_vae
-from emocast_lib.tiny import TINY_NET, filled_net, filled_vae
 
 
 @pytest.mark.parametrize("side", [1, 2, 3, 4, 5, 8])

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, fill_mismatches, manifest_shape, read_manifest
+from emocast_lib.bench.fill import fill_state_dict
+from emocast_lib.bench.tiny import TINY_NET, TINY_VAE, filled_net, filled_vae
 from emocast_lib.config import LATENT_SCALE, REGIONS, SamplingConfig
-from emocast_lib.fill import fill_state_dict
 from emocast_lib.models import ClipConditioning
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, iter_clips
 from emocast_lib.sampling import guide, make_scheduler
-from emocast_lib.tiny import TINY_NET, TINY_VAE, filled_net, filled_vae
 from reference_config import net_config
 
 

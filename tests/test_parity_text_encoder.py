@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from emocast_lib.bench.fill import fill_tensor, tensor_sha256
 from emocast_lib.emotion import HFTextEncoder, emotion_embeddings, encode_prompt, load_clip_tokenizer, pad_ids
-from emocast_lib.fill import fill_tensor, tensor_sha256
 
 
 @pytest.fixture(scope="module")

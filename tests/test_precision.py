@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
+from emocast_lib.bench.tiny import filled_net, filled_vae
 from emocast_lib.pipeline import diffusers_vae
-from emocast_lib.tiny import filled_net, filled_vae
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from emocast_lib import audio
-from emocast_lib.fill import fill_tensor, tensor_sha256
+from emocast_lib.bench.fill import fill_tensor, tensor_sha256
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ Real antelopev2 / face_landmarker_v2 files cannot exist here, so:
   recognizer (112x112 -> 512). They go through FaceAnalysis' own model routing, detection, alignment
   and recognition.
 * A STAND-IN FaceLandmarker bundle is assembled from mediapipe 0.10.21's face detector and face mesh
-  tflite files shipped in emocast_lib/mediapipe_legacy (`tiny.write_stand_in_landmarker`, no download).
+  tflite files shipped in emocast_lib/bench/mediapipe_legacy (`tiny.write_stand_in_landmarker`, no download).
   It loads and runs through the Tasks API, but its landmarks are not those of the real bundle, so only
   shapes, placement and the error paths are checked; mask parity uses the fixture landmarks
   (test_preprocess_face_masks.py).
@@ -181,7 +181,7 @@ def test_missing_insightface_says_how_to_install(tmp_path: Path, monkeypatch):
 @pytest.fixture(scope="module")
 def stand_in_task(tmp_path_factory) -> Path:
     pytest.importorskip("mediapipe.tasks.python", reason="mediapipe is not installed")
-    from emocast_lib.tiny import write_stand_in_landmarker
+    from emocast_lib.bench.tiny import write_stand_in_landmarker
 
     task = tmp_path_factory.mktemp("stand_in_landmarker") / "STAND_IN_face_landmarker.task"
     write_stand_in_landmarker(task)

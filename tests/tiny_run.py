@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from emocast_lib.bench.tiny import TINY_NET
 from emocast_lib.config import REGIONS, SamplingConfig
 from emocast_lib.models import EmoCASTNet
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, Vae, iter_clips
-from emocast_lib.tiny import TINY_NET
 
 
 def tiny_inputs(size: int, frames: int, clips: int, seed: int = 0,

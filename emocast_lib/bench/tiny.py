@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CLIP_L_TEXT, AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
+from ..config import CLIP_L_TEXT, AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
+from ..models import EmoCASTNet
 from .fill import fill_state_dict
-from .models import EmoCASTNet
 
 TINY_SEED = 1001
 TINY_NET = NetConfig(
@@ -90,7 +90,7 @@ class TinyModelsError(ValueError):
 
 def planned_files(root: str | Path) -> list[Path]:
     """Every file `make_tiny_models(root)` writes, in order (the tree of `layout.REQUIRED`)."""
-    from . import layout
+    from .. import layout
 
     root = Path(root)
     return [root / README_NAME, *(f.path(root) for f in (layout.NET, layout.VAE, layout.CLIP_L, layout.WAV2VEC,
@@ -123,7 +123,7 @@ def is_tiny_model(path: str | Path) -> bool:
             with zipfile.ZipFile(path) as bundle:
                 return bundle.comment == NOT_A_MODEL.encode()
         if path.suffix == ".pth":
-            from .checkpoint import NOTE_KEY, read_metadata
+            from ..checkpoint import NOTE_KEY, read_metadata
 
             return read_metadata(path).get(NOTE_KEY) == NOT_A_MODEL
     except Exception:  # unreadable or foreign: not ours, so never replaced
@@ -134,8 +134,8 @@ def is_tiny_model(path: str | Path) -> bool:
 def check_tiny_target(root: str | Path, force: bool = False) -> None:
     """Refuse (TinyModelsError, naming the files) when writing the tiny tree into `root` would replace
     or mix with anything that is not a tiny model; `force` allows replacing earlier tiny models only."""
-    from . import layout
-    from .files import output_problem
+    from .. import layout
+    from ..files import output_problem
 
     root = Path(root)
     existing = [p for p in planned_files(root) if p.exists() or p.is_symlink()]
@@ -172,8 +172,8 @@ def make_tiny_models(root: str | Path, seed: int = TINY_SEED, force: bool = Fals
     whole files only."""
     from safetensors.torch import save_file
 
-    from .checkpoint import CONFIG_KEY, NOTE_KEY, STEPS_KEY
-    from .files import atomic_path
+    from ..checkpoint import CONFIG_KEY, NOTE_KEY, STEPS_KEY
+    from ..files import atomic_path
 
     check_tiny_target(root, force)
     readme, net, vae, clip, wav2vec, detector, recognizer, task = planned_files(root)
@@ -202,7 +202,7 @@ def filled_wav2vec2_base(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
     weight_g/weight_v of the positional convolution), without the CTC head EmoCAST does not use."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from .audio import WAV2VEC2_BASE
+    from ..audio import WAV2VEC2_BASE
 
     sd = fill_module(Wav2Vec2Model(Wav2Vec2Config(**WAV2VEC2_BASE)), seed).state_dict()
     names = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
@@ -226,7 +226,7 @@ def filled_taesd(seed: int = TINY_SEED) -> dict[str, torch.Tensor]:
 
     from diffusers import AutoencoderTiny
 
-    from .config import LATENT_SCALE
+    from ..config import LATENT_SCALE
 
     with torch.device("meta"):
         shapes = AutoencoderTiny().state_dict()

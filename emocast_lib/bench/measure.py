@@ -46,12 +46,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .checkpoint import CONFIG_KEY, NOTE_KEY, load_net, net_shapes
-from .config import PRECISIONS, REGIONS, SD_VAE, FaceLocatorConfig, NetConfig, SamplingConfig, UNetConfig
+from ..checkpoint import CONFIG_KEY, NOTE_KEY, load_net, net_shapes
+from ..config import PRECISIONS, REGIONS, SD_VAE, FaceLocatorConfig, NetConfig, SamplingConfig, UNetConfig
+from ..models import EmoCASTNet
+from ..pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
+from ..sampling import SCHEDULERS, check_settings
 from .fill import fill_tensor
-from .models import EmoCASTNet
-from .pipeline import AudioWindows, Emotion, Portrait, Vae, decode_frames, diffusers_vae, iter_clips
-from .sampling import SCHEDULERS, check_settings
 from .tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 
 GB = 1e9
@@ -890,6 +890,3 @@ def main(argv: list[str] | None = None) -> None:
           f"{threads} thread(s), load average {load} (wall times are inflated when it exceeds the threads); "
           f"results in {args.json}")
 
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .models.motion import sinusoidal_pe
+from ..models.motion import sinusoidal_pe
 
 __all__ = ["fill_tensor", "fill_state_dict", "tensor_sha256"]
 
