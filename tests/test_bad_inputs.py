@@ -26,12 +26,24 @@ import torch
 from PIL import Image
 
 from emocast_lib import audio as audio_lib
-from emocast_lib import job, layout
+from emocast_lib import layout
+from emocast_lib import photo as photo_lib
 from emocast_lib.bench.tiny import NOT_A_MODEL, check_tiny_target, make_tiny_models
 from emocast_lib.checkpoint import CONFIG_KEY, NOTE_KEY, STEPS_KEY, read_metadata
 from emocast_lib.cli import EXAMPLES, main
 from emocast_lib.files import OutputError
-from emocast_lib.job import JobError, JobSpec, ModelSettings, Session, check_job, run_job
+from emocast_lib.jobs import (
+    CheckedJob,
+    JobError,
+    JobSpec,
+    ModelSettings,
+    Segment,
+    Session,
+    check_job,
+    default_checkpoint,
+    run_job,
+    sampling_config,
+)
 from emocast_lib.video import Mp4Writer
 from packimport import pack_module
 
@@ -170,6 +182,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     nan[100] = np.nan
     soundfile.write(at("nan_wav", "nan.wav"), nan, sr, subtype="FLOAT")
     soundfile.write(at("loud", "loud.wav"), speech(0.5)[0] * 1e4, sr, subtype="FLOAT")
+    soundfile.write(at("absurd", "absurd.wav"), speech(0.5)[0] * 1e20, sr, subtype="FLOAT")  # finite, not sound
     soundfile.write(at("clipped", "clipped.wav"), np.clip(speech(0.5)[0] * 50, -1, 1), sr)
     at("corrupt_wav", "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(200))
     soundfile.write(at("hour", "hour.wav"), np.zeros(3600 * 8000, np.float32), 8000, subtype="PCM_U8")
@@ -252,25 +265,26 @@ def test_square_only_when_asked(media, tiny_models, tmp_path, capsys, no_model_l
 
 @pytest.mark.parametrize("name", ["grey", "grey16", "rgba", "cmyk", "two_faces", "huge", "exif", "wide"])
 def test_photos_that_work(name, media, tiny_models, tmp_path, no_model_load, untouched):
-    assert check_job(JobSpec(media[name], SPEECH, tmp_path / "o.mp4"), tiny_models) == []
-    rgb = job.load_photo(media[name])
+    assert isinstance(check_job(JobSpec(media[name], SPEECH, tmp_path / "o.mp4"), tiny_models), CheckedJob)
+    rgb = photo_lib.load_photo(media[name])
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
 
 
 def test_photo_conversions(media):
     grey = np.asarray(Image.open(media["grey"]))
-    assert np.array_equal(job.load_photo(media["grey16"]), np.repeat(grey[..., None], 3, axis=2))  # not clipped white
-    assert np.array_equal(job.load_photo(media["rgba"]), np.asarray(Image.open(PORTRAIT).convert("RGB")))
+    grey16 = photo_lib.load_photo(media["grey16"])
+    assert np.array_equal(grey16, np.repeat(grey[..., None], 3, axis=2))  # not clipped white
+    assert np.array_equal(photo_lib.load_photo(media["rgba"]), np.asarray(Image.open(PORTRAIT).convert("RGB")))
     upright = np.asarray(Image.open(media["wide"]).convert("RGB"))
-    assert np.array_equal(job.load_photo(media["exif"]), upright)  # EXIF orientation applied
+    assert np.array_equal(photo_lib.load_photo(media["exif"]), upright)  # EXIF orientation applied
 
 
 def test_exif_rotated_and_two_faces_are_analysed_upright(session, media, short, tmp_path):
-    rotated = session.portrait(spec(short, tmp_path / "o.mp4", image=media["exif"]))
+    rotated = session.portrait(session.check(spec(short, tmp_path / "o.mp4", image=media["exif"])))
     w, h = Image.open(media["wide"]).size  # the exif photo viewed upright
     assert "cropped" in rotated.note and f"{w}x{h} photo" in rotated.note
-    assert session.portrait(spec(short, tmp_path / "o.mp4", image=media["wide"])).crop == rotated.crop
-    two = session.portrait(spec(short, tmp_path / "o.mp4", image=media["two_faces"]))
+    assert session.portrait(session.check(spec(short, tmp_path / "o.mp4", image=media["wide"]))).crop == rotated.crop
+    two = session.portrait(session.check(spec(short, tmp_path / "o.mp4", image=media["two_faces"])))
     assert "640x320 photo" in two.note and two.crop.side <= 320  # one of the two faces, cropped square
 
 
@@ -284,6 +298,7 @@ def test_exif_rotated_and_two_faces_are_analysed_upright(session, media, short, 
     ("corrupt_wav", "cannot decode audio file"),
     ("hour", "is 60.0 minutes; the limit is 10 minutes (600 s)"),
     ("silent_movie", "has no audio track (FFmpeg finds: video)"),
+    ("absurd", "times full scale (ordinary audio stays within 1); the file is damaged or wrongly scaled"),
 ])
 def test_bad_audio(name, message, media, tiny_models, tmp_path, capsys, no_model_load, untouched):
     sound = media.get(name, tmp_path / "missing.wav")
@@ -309,7 +324,7 @@ def test_an_hour_is_refused_before_it_is_decoded(media, monkeypatch):
 @pytest.mark.parametrize("name", ["short_wav", "silence", "8k", "stereo", "surround", "loud", "clipped", "flac",
                                   "m4a", "mp3", "opus", "movie"])
 def test_audio_that_works(name, media, tiny_models, tmp_path, no_model_load, untouched):
-    assert check_job(JobSpec(PORTRAIT, media[name], tmp_path / "o.mp4"), tiny_models) == []
+    assert isinstance(check_job(JobSpec(PORTRAIT, media[name], tmp_path / "o.mp4"), tiny_models), CheckedJob)
     wave, rate = audio_lib.load_audio_file(media[name])
     assert np.isfinite(wave).all() and rate in (8000, 16000, 44100, 48000)
 
@@ -330,6 +345,7 @@ def test_output_sound_is_the_input_sound(name, rate, channels, session, media, t
     ("   \t ", "is empty; describe the emotion"),
     (LONG_PROMPT, "tokens; CLIP takes at most 75: shorten it by"),
     ("calm\x07 and happy", "contains control characters (U+0007); remove them"),
+    (b"calm \xff happy".decode(errors="surrogateescape"), "is not valid text (it holds bytes that are not UTF-8"),
 ])
 def test_bad_prompt(text, message, tiny_models, tmp_path, capsys, no_model_load, untouched):
     err = cli_error(capsys, "--models", str(tiny_models), "--emotion", text, "--out", str(tmp_path / "o.mp4"))
@@ -340,7 +356,7 @@ def test_bad_prompt(text, message, tiny_models, tmp_path, capsys, no_model_load,
 
 @pytest.mark.parametrize("text", ["A joyful portrait 😀🎉 laughing", "صورة سعيدة جدا", "שמח מאוד"])
 def test_prompts_that_work(text, tiny_models, tmp_path, no_model_load, untouched):
-    assert check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", emotion=text), tiny_models) == []
+    assert isinstance(check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", emotion=text), tiny_models), CheckedJob)
 
 
 def test_truncate_prompt_drops_the_end(session, short, tmp_path):
@@ -351,7 +367,7 @@ def test_truncate_prompt_drops_the_end(session, short, tmp_path):
 
 
 def test_schedule_works(session, short, tmp_path):
-    schedule = (job.Segment("A happy portrait.", 0.0, 0.1), job.Segment("A frightened portrait.", 0.2, 0.3))
+    schedule = (Segment("A happy portrait.", 0.0, 0.1), Segment("A frightened portrait.", 0.2, 0.3))
     out = run_job(session, spec(short, tmp_path / "o.mp4", schedule=schedule, crossfade=0.1))
     assert streams(out)[1] == 8
 
@@ -495,7 +511,7 @@ def test_checkpoint_option_takes_a_converted_safetensors(tiny_models, tmp_path, 
     assert f"{converted} already exists; choose another name, or allow replacing it (--overwrite)" in \
         capsys.readouterr().err
     # the default checkpoint: net.pth, else the only .safetensors of models/emocast
-    assert job.default_checkpoint(tmp_path) == converted
+    assert default_checkpoint(tmp_path) == converted
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -536,9 +552,10 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_seed_above_2_63_works(tiny_models, tmp_path):
-    assert check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", seed=2**63 + 5), tiny_models) == []
+    assert isinstance(check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", seed=2**63 + 5), tiny_models),
+                      CheckedJob)
     with pytest.raises(JobError, match=r"cfg: nan is not a finite number"):  # the library's own entry point
-        job.sampling_config(4, float("nan"), 1, (1.0, 1.0, 1.0), 25, 16)
+        sampling_config(4, float("nan"), 1, (1.0, 1.0, 1.0), 25, 16)
 
 
 # --- output ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import soundfile
 
 from emocast_lib.batch import RAY_INSTALL, JobsFileError, check_outputs_distinct, read_jobs, read_record
 from emocast_lib.cli import EXAMPLES, main
-from emocast_lib.job import Segment
+from emocast_lib.jobs import Segment
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

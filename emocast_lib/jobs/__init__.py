@@ -1,0 +1,71 @@
+"""Jobs: one talking-portrait mp4 from a photo, a speech file and an emotion, for the CLI and batch runners.
+
+The API a runner builds on (the CLI is one such runner, `python -m emocast_lib generate`):
+
+    settings = ModelSettings(models=Path("models"))      # where the models are, device, precision
+    problems = check_models(settings)                     # cheap, no model loaded
+    with Session(settings, on_progress=print) as session:  # loads each model once, on first use
+        for spec in specs:                                 # JobSpec: files + user values (checked on construction)
+            job = session.check(spec)                      # CheckedJob, or JobError listing every problem
+            path = run_job(session, job, on_progress, should_stop)
+
+The package, in the order a job passes through it:
+
+* schema.py: `JobSpec` and `ModelSettings`, pydantic models declaring every user value with its type,
+  range, default and help. Constructing one checks the values (JobError, one `Problem` per bad value).
+  The CLI options, the batch file's columns and the node widgets' ranges and defaults are read from here.
+* checks.py: `check_models` and `check_job` open no network weights: files exist and decode (photo, audio
+  container and samples, safetensors headers, zip directories), the photo has a face (MediaPipe's
+  landmarker, ~50 ms: counted as cheap, because a run that would stop at "no face" must stop before the
+  40 s model load), the prompts are text CLIP can take, the device exists, the output can be written.
+  `check_job` returns a `CheckedJob`: the spec, the face's landmarks, and the run's `Inputs`, which hold
+  each decoded photo and sound once for every job naming the same file.
+* session.py: `Session` loads each model once on first use and caches work keyed by input content:
+  portrait analyses (photo sha256 + crop/identity settings), prompt encodings (text), audio features
+  (audio sha256 + fps/clip length).
+* run.py: `run_job` takes the CheckedJob (a JobSpec is checked first) and writes the mp4 atomically: a
+  hidden temporary file in the output folder, renamed when complete. SIGKILL leaves at most that hidden
+  `.NAME.PID.partial` file, which the next write of the same output removes; never a half file under the
+  final name. Failures raise `JobError` (its `problems` name the input and the fix),
+  `GenerationCancelled` when `should_stop()` said so, or propagate KeyboardInterrupt; in every case the
+  output is left as it was.
+
+How to add a job field
+----------------------
+1. Declare it once in `JobSpec` (schema.py) with `setting(default, ge=..., le=..., help=...)` and a type
+   (int, float, bool, str, a `Literal[...]` of choices, a path, or a tuple of a pydantic model). That
+   alone makes it a `generate` option (`--the-name`, its help, default and choices), a column of the
+   batch file (coerced and range-checked with the same error lines), part of the batch's settings
+   record (a changed value reruns the job) and a checked value of every JobSpec. `cli=False` or
+   `batch=False` keep it off one of them; `cli="--other"` names its option.
+2. Use it: in `run._prepare` (sampler settings) or `Session.portrait`/`features` (then add it to that
+   cache's key, since the key must hold everything that shapes the cached result).
+3. Where a node has a widget for it, build the widget with `**widget("the_name")` (range and default).
+A model setting (how models load, e.g. a weight dtype) is the same, declared in `ModelSettings`: it
+becomes an option of `generate` and `batch` and is read in `Session.__init__`/`_load`. A field holding
+several entries (e.g. speakers) is a tuple of a small `_Values` model, as `schedule` holds `Segment`s;
+its CLI option and batch column need a parser of their own, like `--segment` and `parse_emotion`.
+"""
+from .checks import CheckedJob, Inputs, check_job, check_models, count_tokens, default_checkpoint, prompt_problem
+from .run import PASTE_MAX_SIDE, run_job
+from .schema import (
+    MAX_PROMPT_TOKENS,
+    JobError,
+    JobSpec,
+    ModelSettings,
+    OnProgress,
+    Problem,
+    Progress,
+    Segment,
+    limits,
+    option,
+    sampling_config,
+    value_problems,
+    widget,
+)
+from .session import PreparedPortrait, Session
+
+__all__ = ["MAX_PROMPT_TOKENS", "PASTE_MAX_SIDE", "CheckedJob", "Inputs", "JobError", "JobSpec", "ModelSettings",
+           "OnProgress", "PreparedPortrait", "Problem", "Progress", "Segment", "Session", "check_job", "check_models",
+           "count_tokens", "default_checkpoint", "limits", "option", "prompt_problem", "run_job", "sampling_config",
+           "value_problems", "widget"]
