@@ -120,6 +120,7 @@ class _Driver:
         self.names: dict[Any, str] = {}  # actor -> its worker's name (name@host:pid of its current process)
         self.running: dict[int, Any] = {}  # task index -> actor
         self.inflight: dict[Any, Task] = {}  # result ref -> task
+        self.started: list[int] = []  # tasks the pool has just handed out, for the ledger
         self.pool = ActorPool([])
         ledger.workers = plan.count
         ledger.say(f"ray: {plan.count} worker(s) on {plan.text} each, cluster at "
@@ -132,7 +133,7 @@ class _Driver:
         if self.stop.is_set():
             return ray.put({"index": task.index, "skipped": True})
         self.running[task.index] = actor
-        self.ledger.start(self.ledger.entries[task.index], self.names[actor])
+        self.started.append(task.index)  # recorded once the pool call that handed it out has returned
         ref = actor.run.remote(task)
         self.inflight[ref] = task
         return ref
@@ -150,6 +151,7 @@ class _Driver:
                     ray.wait(list(self.loading), num_returns=1, timeout=1.0)
                     continue
                 self._next()
+                self._record_starts()
         finally:  # a worker still loading its models would outlive the runtime by a minute
             for actor in self.actors:
                 ray.kill(actor)
@@ -157,6 +159,11 @@ class _Driver:
             if entry.status == "pending" and not self.stop.is_set():
                 entry.status, entry.error = "failed", f"not run: no worker left ({self.trouble})"
         self.ledger.write_report()
+
+    def _record_starts(self) -> None:
+        for index in self.started:
+            self.ledger.start(self.ledger.entries[index], self.names[self.running[index]])
+        self.started.clear()
 
     def _admit(self) -> None:
         """Workers whose models have loaded join the pool; one that failed to start says why."""
@@ -170,6 +177,7 @@ class _Driver:
                 self.ledger.say(f"ray: {self.trouble}")
                 continue
             self.pool.push(actor)
+        self._record_starts()
 
     def _next(self) -> None:
         try:

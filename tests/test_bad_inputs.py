@@ -279,6 +279,7 @@ def test_photo_conversions(media):
     assert np.array_equal(photo_lib.load_photo(media["exif"]), upright)  # EXIF orientation applied
 
 
+@pytest.mark.slow
 def test_exif_rotated_and_two_faces_are_analysed_upright(session, media, short, tmp_path):
     rotated = session.portrait(session.check(spec(short, tmp_path / "o.mp4", image=media["exif"])))
     w, h = Image.open(media["wide"]).size  # the exif photo viewed upright
@@ -329,6 +330,7 @@ def test_audio_that_works(name, media, tiny_models, tmp_path, no_model_load, unt
     assert np.isfinite(wave).all() and rate in (8000, 16000, 44100, 48000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, rate, channels", [("8k", 8000, 1), ("surround", 48000, 6), ("short_wav", 16000, 1)])
 def test_output_sound_is_the_input_sound(name, rate, channels, session, media, tmp_path):
     out = run_job(session, spec(media[name], tmp_path / "o.mp4"))
@@ -359,6 +361,7 @@ def test_prompts_that_work(text, tiny_models, tmp_path, no_model_load, untouched
     assert isinstance(check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", emotion=text), tiny_models), CheckedJob)
 
 
+@pytest.mark.slow
 def test_truncate_prompt_drops_the_end(session, short, tmp_path):
     said = []
     run_job(session, spec(short, tmp_path / "o.mp4", emotion=LONG_PROMPT, truncate_prompt=True),
@@ -366,6 +369,7 @@ def test_truncate_prompt_drops_the_end(session, short, tmp_path):
     assert any("prompt cut to CLIP's 77 tokens; dropped: " in p.text for p in said)
 
 
+@pytest.mark.slow
 def test_schedule_works(session, short, tmp_path):
     schedule = (Segment("A happy portrait.", 0.0, 0.1), Segment("A frightened portrait.", 0.2, 0.3))
     out = run_job(session, spec(short, tmp_path / "o.mp4", schedule=schedule, crossfade=0.1))
@@ -447,6 +451,7 @@ def test_damaged_model_file(which, sub, data, message, tiny_models, tmp_path, ca
     assert "error: --models: " in err and str(which.path(models)) in err and message in err
 
 
+@pytest.mark.slow
 def test_damage_only_found_by_loading_is_one_line_too(broken, tiny_models, tmp_path, capsys):
     """Files whose headers are fine but whose contents are not: NaN weights, a wav2vec2 weight of the wrong
     shape. They pass the cheap checks, so the load reports them, still as one line."""
@@ -589,6 +594,7 @@ def test_bad_output(case, message, tiny_models, tmp_path, capsys, no_model_load)
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_an_earlier_video(session, short, tmp_path):
     out = tmp_path / "o.mp4"
     out.write_bytes(b"an earlier video")
@@ -598,11 +604,13 @@ def test_overwrite_replaces_an_earlier_video(session, short, tmp_path):
     assert streams(out)[1] == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
 
 
+@pytest.mark.slow
 def test_paste_back_keeps_the_photo_framing(session, media, short, tmp_path):
     out = run_job(session, spec(short, tmp_path / "o.mp4", image=media["wide"], paste_back=True))
     assert streams(out)[0] == (448, 384)
 
 
+@pytest.mark.slow
 def test_cancelled_run_leaves_the_previous_file(session, short, tmp_path):
     from emocast_lib.sampling import GenerationCancelled
 
@@ -645,6 +653,7 @@ def test_node_input_errors(call, message):
 
 # --- interrupted runs -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_half_file_and_the_next_run_matches_a_fresh_process(session, tiny_models, short,
                                                                                   tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
