@@ -46,10 +46,11 @@ becomes an option of `generate` and `batch` and is read in `Session.__init__`/`_
 several entries (e.g. speakers) is a tuple of a small `_Values` model, as `schedule` holds `Segment`s;
 its CLI option and batch column need a parser of their own, like `--segment` and `parse_emotion`.
 """
-from .checks import CheckedJob, Inputs, check_job, check_models, count_tokens, default_checkpoint, prompt_problem
-from .run import PASTE_MAX_SIDE, run_job
+import importlib
+
 from .schema import (
     MAX_PROMPT_TOKENS,
+    PASTE_MAX_SIDE,
     JobError,
     JobSpec,
     ModelSettings,
@@ -63,7 +64,19 @@ from .schema import (
     value_problems,
     widget,
 )
-from .session import PreparedPortrait, Session
+
+# The runner's names and their modules. They load on first use (PEP 562), so that importing the schema,
+# as the nodes do, does not import the runner (checks, session, run and their libraries).
+_RUNNER = {"CheckedJob": "checks", "Inputs": "checks", "check_job": "checks", "check_models": "checks",
+           "count_tokens": "checks", "default_checkpoint": "checks", "prompt_problem": "checks",
+           "PreparedPortrait": "session", "Session": "session", "run_job": "run"}
+
+
+def __getattr__(name: str):
+    if name in _RUNNER:
+        return getattr(importlib.import_module(f"{__name__}.{_RUNNER[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["MAX_PROMPT_TOKENS", "PASTE_MAX_SIDE", "CheckedJob", "Inputs", "JobError", "JobSpec", "ModelSettings",
            "OnProgress", "PreparedPortrait", "Problem", "Progress", "Segment", "Session", "check_job", "check_models",

@@ -32,9 +32,8 @@ from ..companions import vae_format
 from ..emotion import emotion_schedule
 from ..files import output_problem
 from ..photo import MIN_PHOTO_SIDE, QuietLandmarker, reason
-from .schema import DEFAULT_EMOTION, MAX_PROMPT_TOKENS, JobError, JobSpec, ModelSettings, Problem, option
+from .schema import DEFAULT_EMOTION, DEVICES, MAX_PROMPT_TOKENS, JobError, JobSpec, ModelSettings, Problem, option
 
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
 # Finite samples beyond this many times full scale are a damaged or mis-scaled export: wav2vec2's
 # normalisation of samples around 1e20 overflows float32 into NaN features.
 MAX_AMPLITUDE = 1e6

@@ -16,10 +16,9 @@ from ..files import OutputError
 from ..pipeline import AudioWindows, Emotion, iter_clips, num_clips
 from ..video import Mp4Writer
 from .checks import CheckedJob
-from .schema import JobError, JobSpec, OnProgress, Problem, Progress, sampling_config
+from .schema import PASTE_MAX_SIDE, JobError, JobSpec, OnProgress, Problem, Progress, sampling_config
 from .session import PreparedPortrait, Session
 
-PASTE_MAX_SIDE = 1920  # --paste-back videos are scaled to at most this long side (x264 at sane sizes)
 PASTE_CHUNK = 4  # frames pasted back at a time: bounds the full-size frames held at once
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
+from ..audio import MAX_SECONDS
 from ..config import DEFAULT_EMOTION, PRECISIONS, SCHEDULERS, SamplingConfig
 
 # Strict: a whole number must be an int (not 1.5, not true), a switch a bool; floats take ints. Paths
@@ -24,6 +25,8 @@ CONFIG = ConfigDict(frozen=True, strict=True, allow_inf_nan=False, extra="forbid
 UserPath = Annotated[Path, Field(strict=False)]
 MAX_PROMPT_TOKENS = 75  # CLIP's 77 minus the start and end tokens
 CROP_MODES = ("auto", "face", "none")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+PASTE_MAX_SIDE = 1920  # --paste-back videos are scaled to at most this long side (x264 at sane sizes)
 
 
 def setting(default: Any = ..., *, help: str, ge: float | None = None, le: float | None = None,
@@ -85,7 +88,7 @@ class JobSpec(_Values):
     image: UserPath = setting(help="photo with one face: any size (non-square photos are cropped around the face), "
                                    "any format PIL reads; EXIF orientation applied")
     audio: UserPath = setting(help="speech: any file FFmpeg decodes (wav, flac, mp3, m4a, ogg/opus, a video's "
-                                   "sound), up to 10 minutes")
+                                   f"sound), up to {MAX_SECONDS / 60:g} minutes")
     out: UserPath = setting(help="output mp4 (H.264 + AAC)")
     emotion: str = setting(DEFAULT_EMOTION, help=f"free-text emotion prompt (CLIP, at most {MAX_PROMPT_TOKENS} "
                                                  "tokens); used when there is no schedule")
@@ -108,7 +111,7 @@ class JobSpec(_Values):
                                                      "must be square)")
     crop_scale: float = setting(2.0, ge=1.2, le=4.0, help="crop side relative to the face size")
     paste_back: bool = setting(False, help="return the video at the photo's framing (the animated crop pasted "
-                                           "into the photo, at most 1920 px)")
+                                           f"into the photo, at most {PASTE_MAX_SIDE} px)")
     no_identity: bool = setting(False, help="skip face recognition and use the zero identity (the original code's "
                                             "no-face fallback)")
     truncate_prompt: bool = setting(False, help=f"drop the last words of a prompt over {MAX_PROMPT_TOKENS} tokens "
@@ -138,7 +141,7 @@ class ModelSettings(_Values):
     models: UserPath = setting(Path("models"), help="ComfyUI-style models folder (see README)")
     checkpoint: UserPath | None = setting(None, help="EmoCAST network, .pth or converted .safetensors (default: "
                                                      "MODELS/emocast/net.pth, else the only .safetensors there)")
-    device: str = setting("auto", help="auto, cpu, cuda, cuda:N or mps")
+    device: str = setting("auto", help=DEVICES)
     precision: Literal[("auto", *PRECISIONS)] = setting("auto", help="auto: fp16 on a GPU, fp32 on the CPU")
 
 
