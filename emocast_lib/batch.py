@@ -9,7 +9,7 @@ Jobs run one after another in this process, or with `--ray` on a Ray runtime (ra
 twice: each mp4 carries the settings that made it (mp4 metadata, written with the file, so the record and
 the video appear together). A rerun skips a job whose output exists and whose record equals the job's
 settings: the same photo and audio bytes (sha256), the same JobSpec values, the same model files (size
-and hash of their first and last MiB) and precision. The device it ran on is not part of it. `--redo`
+and hash of their first and last MiB) and how they load (precision). The device it ran on is not part of it. `--redo`
 runs every job again.
 """
 from __future__ import annotations
@@ -307,14 +307,19 @@ def models_fingerprint(settings: ModelSettings, identity: bool) -> dict[str, str
             for p in _model_files(settings, identity)}
 
 
-def settings_record(job: CheckedJob, precision: str, models: dict[str, str]) -> dict:
+# ModelSettings fields that do not shape the video (the model files count by content, below).
+NOT_RECORDED = ("models", "checkpoint", "device")
+
+
+def settings_record(job: CheckedJob, settings: ModelSettings, models: dict[str, str]) -> dict:
     """Everything that determines a job's video, as plain JSON values: the input files by content, every
-    other JobSpec value, the precision asked for and the model files."""
+    other JobSpec value, how the models load (ModelSettings but NOT_RECORDED: the precision asked for) and
+    the model files."""
     spec = job.spec
     unused = ("emotion",) if spec.schedule else ("schedule", "crossfade")
     values = spec.model_dump(mode="json", exclude={*PATHS, "overwrite", *unused})
-    record = {"image_sha256": job.image_sha256, "audio_sha256": job.audio_sha256, **values, "precision": precision,
-              "models": models}
+    record = {"image_sha256": job.image_sha256, "audio_sha256": job.audio_sha256, **values,
+              **settings.model_dump(mode="json", exclude=set(NOT_RECORDED)), "models": models}
     return json.loads(json.dumps(record))  # tuples -> lists: compares equal to what is read back
 
 
@@ -598,8 +603,9 @@ def _read_and_check(args: argparse.Namespace, fail: Callable[[str], int], stream
             return fail(str(e))
     try:
         lines = read_jobs(args.jobs)
-        settings = ModelSettings(models=args.models, checkpoint=args.checkpoint, precision=args.precision,
-                                 device="auto" if args.ray is not None and args.device != "cpu" else args.device)
+        given = {name: getattr(args, name) for name in fields(ModelSettings)}  # cli.py added them from the schema
+        settings = ModelSettings(**{**given, "device": "auto" if args.ray is not None and args.device != "cpu"
+                                    else args.device})
     except (JobsFileError, JobError) as e:
         return fail(str(e))
     check_outputs_distinct(lines)
@@ -636,7 +642,7 @@ def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
                      error=j.error or None) for j in plan.lines]
     tasks = []
     for i, job in plan.checked:
-        record = settings_record(job, plan.settings.precision, models)
+        record = settings_record(job, plan.settings, models)
         if not args.redo and job.spec.overwrite and read_record(job.spec.out) == record:
             entries[i].status = "skipped"
         else:

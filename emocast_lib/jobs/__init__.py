@@ -33,18 +33,21 @@ The package, in the order a job passes through it:
 How to add a job field
 ----------------------
 1. Declare it once in `JobSpec` (schema.py) with `setting(default, ge=..., le=..., help=...)` and a type
-   (int, float, bool, str, a `Literal[...]` of choices, a path, or a tuple of a pydantic model). That
-   alone makes it a `generate` option (`--the-name`, its help, default and choices), a column of the
-   batch file (coerced and range-checked with the same error lines), part of the batch's settings
-   record (a changed value reruns the job) and a checked value of every JobSpec. `cli=False` or
-   `batch=False` keep it off one of them; `cli="--other"` names its option.
-2. Use it: in `run._prepare` (sampler settings) or `Session.portrait`/`features` (then add it to that
-   cache's key, since the key must hold everything that shapes the cached result).
-3. Where a node has a widget for it, build the widget with `**widget("the_name")` (range and default).
-A model setting (how models load, e.g. a weight dtype) is the same, declared in `ModelSettings`: it
-becomes an option of `generate` and `batch` and is read in `Session.__init__`/`_load`. A field holding
-several entries (e.g. speakers) is a tuple of a small `_Values` model, as `schedule` holds `Segment`s;
-its CLI option and batch column need a parser of their own, like `--segment` and `parse_emotion`.
+   (int, float, bool, str, a `Literal[...]` of choices, a path, `X | None` for "unset", or a tuple of a
+   small `_Values` model). That alone makes it a checked value of every JobSpec, a `generate` option
+   (`--the-name`, with its help, default and choices; error lines name it so), a column of the batch file
+   (coerced and range-checked with the same error lines) and part of the batch's settings record (a
+   changed value makes a rerun redo the job). `cli=False` / `batch=False` keep it off one of them;
+   `cli="--other"` names its option.
+2. Use it: in `run._prepare` (the sampler's settings) or in `Session.portrait` / `Session.features` (then
+   add it to that cache's key: the key holds everything that shapes the cached result).
+3. Where a node has a widget for it, build the widget with `**widget("the_name")` (range and default) and
+   add the pair to tests/test_schema.py's WIDGETS.
+A model setting (how the models load, e.g. a weight dtype) is declared the same way in `ModelSettings`: it
+becomes an option of `generate` and `batch` and part of the settings record, and is read in
+`Session.__init__` / the model properties. A field holding several entries (e.g. one speaker per face) is
+a tuple of a small `_Values` model declared beside `Segment`, as `schedule` holds `Segment`s; its option and
+column need a parser of their own, like `--segment` (cli._argument) and `parse_emotion` (batch.py).
 """
 import importlib
 
