@@ -100,6 +100,8 @@ def _extras(bc: BenchConfig, clips: int, opts: Options, built: dict[str, Any]) -
 def measure_config(bc: BenchConfig, clips: int, threads: int, opts: Options) -> dict[str, Any]:
     """One configuration at one clip count and thread count, in this process: its record (JSON-ready)."""
     torch.set_num_threads(threads)  # the benchmark's own process: the library never sets it
+    if torch.device(opts.device).type == "cuda":
+        torch.cuda.set_device(torch.device(opts.device))  # the device the timer waits for (cuda:N)
     settings = bc.sampling()
     out = {"config": asdict(bc) | {"clips": clips}, "threads": torch.get_num_threads(), "device": opts.device,
            "dtype": opts.dtype, "fps": settings.fps, "motion_frames": settings.motion_frames}
