@@ -12,7 +12,7 @@ import torch
 from emocast_lib.bench import measure as bench
 from emocast_lib.bench.configs import resolve
 from emocast_lib.bench.floor import GEMM_SHAPES, gemm_rates
-from emocast_lib.bench.report import summarize, table, thread_scaling
+from emocast_lib.bench.report import stats, summarize, table, thread_scaling
 from emocast_lib.bench.stages import STAGES
 from emocast_lib.bench.tensor_memory import TensorMemory
 from emocast_lib.bench.tiny import TINY_NET, TINY_SEED, filled_net
@@ -122,6 +122,13 @@ def test_bench_levers_reach_the_sampler():
     r = measured(["--config", "tiny", "--runs", "1", "--steps", "2", "--cfg-end", "0.5"])
     assert r["config"]["cfg_end"] == 0.5 and len(r["runs"][0][0]["steps"]) == 2
     assert "[cfg_end 0.5]" in table([r])
+
+
+def test_statistics_of_the_calls_that_ran():
+    """torch.utils.benchmark's Measurement gives median and IQR; a stage that a clip does not run (0 s) is left
+    out, and one that no clip runs has no statistics (a zero median has no relative spread)."""
+    assert stats([0.4, 0.1, 0.2, 0.0]) == {"min": 0.1, "median": pytest.approx(0.2), "iqr": pytest.approx(0.15)}
+    assert stats([0.0, 0.0]) == {}
 
 
 def test_bench_config_selection():

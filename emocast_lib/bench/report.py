@@ -26,8 +26,9 @@ def measurement(values: Iterable[float], what: str = "", **spec: Any) -> Measure
 
 
 def stats(values: Iterable[float]) -> dict[str, float]:
-    m = measurement(values)
-    return {"min": min(m.times), "median": m.median, "iqr": m.iqr}
+    """Min, median and IQR of the calls that took time (a stage a clip does not run takes none)."""
+    m = measurement(v for v in values if v)
+    return {"min": min(m.times), "median": m.median, "iqr": m.iqr} if m.times else {}
 
 
 def _memory(child: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def summarize(child: dict[str, Any]) -> dict[str, Any]:
          "best_seconds_by_clip": best, "best_cpu_seconds_by_clip": [min(c["cpu"] for c in p) for p in by_position],
          "mean_best_seconds_per_clip": statistics.fmean(best),
          "stages": {k: stats(c["stages"][k] for c in clips) for k in clips[0]["stages"]},
-         "stages_cpu": {k: stats(c["stages_cpu"][k] for c in clips) for k in clips[0]["stages_cpu"]},
+         "stages_cpu": {k: stats(c["stages_cpu"][k] for c in clips) for k in clips[0]["stages_cpu"]},  # {} if not run
          "step": stats(t for c in clips for t in c["steps"]),
          "step_cpu": stats(t for c in clips for t in c["steps_cpu"]),
          "build_s": child["build_s"],
@@ -96,7 +97,8 @@ def measurements(r: dict[str, Any]) -> list[Measurement]:
     for column, clips in groups.items():
         for key, values in (_cells(clips) if clips else {}).items():
             row, _, cpu = key.partition(" ")
-            if any(values):  # a stage a clip does not run (the face locator after clip 0) has no cell
+            values = [v for v in values if v]  # a stage a clip does not run (the face locator after clip 0)
+            if values:
                 out.append(measurement(values, row, label=label(r), sub_label=ROWS[row],
                                        description=column + (" CPU" if cpu else ""), num_threads=r["threads"]))
     return out
