@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import MAX_FACES
+
 __all__ = [
     "FACE_OVAL_IDS", "LIP_IDS", "FaceMasks", "expand_box", "rect_mask", "soft_mask", "compute_masks",
     "mask_sizes", "resize_u8", "reference_image", "landmarks_to_pixels", "LandmarkDetector", "MAX_FACES",
@@ -153,8 +155,6 @@ def landmarks_to_pixels(normalized: np.ndarray, height: int, width: int) -> np.n
     return np.stack([n[:, 0] * width, n[:, 1] * height], axis=1)
 
 
-# The most faces looked for in one photo (MediaPipe's num_faces), so a face index runs up to MAX_FACES - 1.
-MAX_FACES = 8
 NO_FACE = ("no face found for landmarks: use a clearer frontal portrait or crop it to the face (Crop Portrait "
            "node)")
 
@@ -224,7 +224,7 @@ def pick_face(faces: list[np.ndarray], index: int = -1) -> tuple[np.ndarray, int
     if not 0 <= index < len(faces):
         numbers = "0" if len(faces) == 1 else f"0 to {len(faces) - 1}"
         raise ValueError(f"there is no face {index}: {len(faces)} face(s) found in the photo, numbered {numbers} "
-                         f"from left to right (-1: the clearest face)")
+                         "from left to right")
     return faces[order[index]], index
 
 

@@ -4,16 +4,23 @@ The nodes are checked with ComfyUI's own objects in tests/comfy_venv_conversatio
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile
+import soxr
 import torch
 from PIL import Image
 
-from emocast_lib import audio, conversation, face
+from emocast_lib import audio, cli, conversation, face, layout, photo
+from emocast_lib.batch import read_jobs, read_record
 from emocast_lib.bench.tiny import write_stand_in_landmarker
+from emocast_lib.cli import main
+from emocast_lib.jobs.schema import parse_speaker
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ROOT / "example_workflows" / "inputs"
@@ -209,3 +216,160 @@ def test_a_track_shorter_than_one_frame_is_refused_before_encoding():
         audio.check_length(np.zeros(600, np.float32), 25)
     assert "\n" not in str(e.value)
     audio.check_length(np.zeros(640, np.float32), 25)
+
+
+# --- the command line and the batch file ----------------------------------------------------------
+
+def test_speaker_syntax():
+    """FACE:AUDIO[@CHANNEL][:EMOTION]: the emotion may hold colons, a Windows drive letter is part of AUDIO."""
+    cases = {"0:alice.wav:A cheerful host.": (0, "alice.wav", "A cheerful host.", "mix"),
+             "1:talk.wav@right:Nervous: very.": (1, "talk.wav", "Nervous: very.", "right"),
+             "1:C:\\talks\\b.wav:Calm": (1, "C:\\talks\\b.wav", "Calm", "mix"),
+             "2:b.wav": (2, "b.wav", None, "mix")}
+    for text, (face_index, path, emotion, channel) in cases.items():
+        speaker = parse_speaker(text)
+        assert (speaker.face, speaker.audio, speaker.emotion, speaker.channel) == (face_index, Path(path), emotion,
+                                                                                  channel)
+    for text, message in (("x:b.wav", "FACE 'x' is not a face number"), ("0:", "is not FACE:AUDIO"),
+                          ("0:b.wav@up", "channel 'up' is not one of mix, left, right"),
+                          ("9:b.wav", "face 9 is out of range; use a value from 0 to 7")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_speaker(text)
+
+
+@pytest.fixture(scope="module")
+def tracks(tmp_path_factory) -> dict[str, Path]:
+    """A stereo recording at 44.1 kHz with one speaker per channel (the template's left track's first 0.4 s
+    left, 0.4 s of its right track right), one of them alone in a mono file, and a track of 300 samples."""
+    folder = tmp_path_factory.mktemp("tracks")
+    left, rate = soundfile.read(INPUTS / "emocast_conversation_left.wav", dtype="float32")
+    right, _ = soundfile.read(INPUTS / "emocast_conversation_right.wav", dtype="float32")
+    n = int(0.4 * rate)
+    stereo = soxr.resample(np.stack([left[:n], right[int(1.75 * rate):int(1.75 * rate) + n]], axis=1), rate, 44100)
+    soundfile.write(folder / "talk.wav", stereo, 44100, subtype="FLOAT")
+    soundfile.write(folder / "left.wav", left[:n], rate)
+    soundfile.write(folder / "short.wav", left[:300], rate)
+    return {"talk": folder / "talk.wav", "left": folder / "left.wav", "short": folder / "short.wav"}
+
+
+BAD = {  # --speaker arguments -> the one error line, {name} standing for the tracks' paths
+    "with --audio": (["0:{left}", "1:{left}", "--audio", "{left}"],
+                     "--speaker: does not go with --audio: each speaker's track comes with their --speaker; leave "
+                     "--audio out"),
+    "duplicate face": (["0:{left}", "0:{talk}@right"],
+                       "--speaker: face 0 is given to 2 speakers; give each face one speaker (one track)"),
+    "face the photo lacks": (["0:{left}", "3:{left}"],
+                             f"--speaker: {TWO_PEOPLE}: there is no face 3: 2 face(s) found in the photo, "
+                             "numbered 0 to 1 from left to right"),
+    "shorter than a frame": (["0:{short}", "1:{left}"],
+                             "--speaker: {short} lasts 19 ms, shorter than one video frame at 25 fps; give a longer "
+                             "speech file"),
+    "channel it lacks": (["0:{left}@right"],
+                         "--speaker: {left}: channel right asked for, but the audio has 1 channel(s): choose mix, or "
+                         "give a recording with one speaker per channel"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_a_bad_conversation_is_one_line_before_any_model_loads(case, tracks, tiny_models, tmp_path, capsys,
+                                                               monkeypatch):
+    def no_session(*args, **kwargs):
+        raise AssertionError("models were loaded for a job that cannot run")
+
+    monkeypatch.setattr(cli, "Session", no_session)
+    speakers, line = BAD[case]
+    args = []
+    for item in speakers:
+        args += [item] if item.startswith("--") or item == "{left}" else ["--speaker", item]
+    args = [a.format(**tracks) for a in args]
+    out = tmp_path / "o.mp4"
+    code = main(["generate", "--models", str(tiny_models), "--image", str(TWO_PEOPLE), "--out", str(out), *args])
+    assert code == 2 and capsys.readouterr().err.splitlines() == [f"error: {line.format(**tracks)}"]
+    assert not out.exists()
+
+
+def _decode(path: Path) -> tuple[list[np.ndarray], np.ndarray, int]:
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    with av.open(str(path)) as container:
+        rate = container.streams.audio[0].sample_rate
+        sound = np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)
+    return frames, sound, rate
+
+
+@pytest.mark.slow
+def test_cli_conversation_from_one_stereo_recording(tracks, tiny_models, tmp_path, capsys):
+    """Each channel to its face, the faces the library picks, the photo's size, the longest track's length, and
+    the mix of the channels at the recording's rate as the sound."""
+    out = tmp_path / "talk.mp4"
+    assert main(["generate", "--models", str(tiny_models), "--image", str(TWO_PEOPLE), "--steps", "1",
+                 "--speaker", f"0:{tracks['talk']}@left:A cheerful host.",
+                 "--speaker", f"1:{tracks['talk']}@right:A nervous guest.", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(printed.count(f"loading {f.what} from") == 1 for f in (layout.NET, layout.WAV2VEC, layout.VAE)), \
+        "the models load once for both speakers"
+    rgb = _rgb(TWO_PEOPLE)
+    with face.LandmarkDetector(layout.LANDMARKER.path(tiny_models), num_faces=face.MAX_FACES) as detect:
+        faces = detect.faces(rgb)
+    crops = [face.crop_face(rgb, faces, i)[1] for i in range(2)]
+    for i, c in enumerate(crops):
+        assert (f"portrait: face {i} of 2 (from the left), cropped {c.side}x{c.side} at ({c.x0}, {c.y0}) of the "
+                f"640x320 photo") in printed
+    frames, sound, rate = _decode(out)
+    assert len(frames) == 10 and frames[0].shape == rgb.shape  # 0.4 s at 25 fps, the photo's size
+    between = slice(crops[0].x0 + crops[0].side + 16, crops[1].x0 - 16)  # no crop there: the photo (H.264 aside)
+    assert np.abs(np.stack(frames)[:, :, between].astype(float) - rgb[:, between]).mean() < 3
+    stereo, _ = soundfile.read(tracks["talk"], dtype="float32")
+    mix = stereo.sum(axis=1)
+    assert rate == 44100 and sound.shape[0] == 1
+    assert abs(sound.shape[1] - len(mix)) < 2048  # AAC frames: the sound lasts as long as the 10 frames
+    middle = slice(4096, len(mix) - 4096)  # AAC's priming edges aside
+    fit = {name: np.corrcoef(sound[0, middle], ref[middle])[0, 1] for name, ref in
+           (("mix", mix), ("left", stereo[:, 0]), ("right", stereo[:, 1]))}
+    assert fit["mix"] > 0.9 and fit["mix"] > max(fit["left"], fit["right"]) + 0.15, fit  # both voices are in it
+
+
+def test_batch_speakers_field(tracks, tmp_path):
+    """The speakers field: a list of objects or of --speaker texts (JSONL), or --speaker texts joined by | in a
+    CSV cell; audio paths resolve against the jobs file; a line with speakers and audio is one error."""
+    entry = {"face": 1, "audio": "talk.wav", "channel": "right", "emotion": "A nervous guest."}
+    lines = [{"image": "two.jpg", "out": "a.mp4", "speakers": [entry, "0:left.wav:A cheerful host."]},
+             {"image": "two.jpg", "out": "b.mp4", "speakers": [entry], "audio": "left.wav", "emotion": "calm"},
+             {"image": "two.jpg", "out": "c.mp4", "speakers": []},
+             {"image": "two.jpg", "out": "d.mp4", "speakers": [{"face": 1, "audio": "x.wav", "mood": "happy"}]}]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    parsed = read_jobs(jobs)
+    speakers = parsed[0].values["speakers"]
+    assert [(s.face, s.audio, s.channel, s.emotion) for s in speakers] == [
+        (1, tmp_path / "talk.wav", "right", "A nervous guest."), (0, tmp_path / "left.wav", "mix", "A cheerful host.")]
+    assert parsed[0].values["audio"] is None and not parsed[0].error
+    assert parsed[1].error == ("speakers: does not go with --audio: each speaker's track comes with their --speaker; "
+                               "leave --audio out")
+    assert parsed[2].error.startswith("speakers: the list is empty")
+    assert parsed[3].error.startswith("speakers: entry 1: mood")
+    table = tmp_path / "jobs.csv"
+    table.write_text('image,speakers,out\ntwo.jpg,"0:left.wav:A cheerful host. | 1:talk.wav@right",e.mp4\n')
+    (line,) = read_jobs(table)
+    assert [(s.face, s.audio.name, s.channel, s.emotion) for s in line.values["speakers"]] == [
+        (0, "left.wav", "mix", "A cheerful host."), (1, "talk.wav", "right", None)]
+
+
+@pytest.mark.slow
+def test_batch_conversation_runs_and_a_rerun_skips_it(tracks, tiny_models, tmp_path, capsys):
+    folder = tracks["talk"].parent
+    jobs = tmp_path / "jobs.jsonl"
+    line = {"image": str(TWO_PEOPLE), "out": str(tmp_path / "talk.mp4"), "steps": 1,
+            "speakers": [f"0:{folder / 'talk.wav'}@left:A cheerful host.", f"1:{folder / 'left.wav'}"]}
+    jobs.write_text(json.dumps(line) + "\n")
+    assert main(["batch", str(jobs), "--models", str(tiny_models), "--threads", "1"]) == 0
+    record = read_record(tmp_path / "talk.mp4")
+    digests = [photo.file_digest(folder / name) for name in ("talk.wav", "left.wav")]
+    assert [s["audio_sha256"] for s in record["speakers"]] == digests and "audio_sha256" not in record
+    assert [s["channel"] for s in record["speakers"]] == ["left", "mix"]
+    frames, _, _ = _decode(tmp_path / "talk.mp4")
+    assert len(frames) == 10 and frames[0].shape == (320, 640, 3)
+    capsys.readouterr()
+    assert main(["batch", str(jobs), "--models", str(tiny_models)]) == 0
+    assert "loading the models" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "jobs.report.json").read_text())["jobs"][0]["status"] == "skipped"
