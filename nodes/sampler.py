@@ -15,8 +15,8 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from emocast_lib.checkpoint import STEPS_KEY
-from emocast_lib.config import SCHEDULERS, SamplingConfig
-from emocast_lib.job import LIMITS, JobError, sampling_config
+from emocast_lib.config import SamplingConfig
+from emocast_lib.jobs.schema import JobError, sampling_config, widget
 from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
 from emocast_lib.video import Mp4Writer
@@ -53,23 +53,20 @@ def check_inputs(net, face: FaceInfo, audio: AudioCond, emotion: EmotionCond) ->
 
 
 def weight_input(name: str, tooltip: str) -> io.Float.Input:
-    low, high = LIMITS[name]  # the ranges the CLI and batch accept too
-    return io.Float.Input(name, default=1.0, min=low, max=high, step=0.05, round=0.01, tooltip=tooltip)
+    return io.Float.Input(name, **widget(name), step=0.05, round=0.01, tooltip=tooltip)  # the CLI's and batch's range
 
 
 def lever_inputs() -> list[io.Input]:
     """The experimental speed levers; they come last in both samplers so that widget values saved by
     workflows from before them stay aligned."""
     return [
-        io.Combo.Input("scheduler", options=list(SCHEDULERS), default=SamplingConfig.scheduler, optional=True,
+        io.Combo.Input("scheduler", **widget("scheduler"), optional=True,
                        tooltip="Experimental speed lever: the sampler. ddim is the released one; dpmpp_2m and "
                                "uni_pc aim at its result in fewer steps (judge the output yourself)."),
-        io.Float.Input("cfg_end", default=SamplingConfig.cfg_end, min=LIMITS["cfg_end"][0],
-                       max=LIMITS["cfg_end"][1], step=0.05, round=0.01, optional=True,
+        io.Float.Input("cfg_end", **widget("cfg_end"), step=0.05, round=0.01, optional=True,
                        tooltip="Experimental speed lever: guidance for this fraction of the steps only, the rest "
                                "runs half the batch. 1 is the released setting."),
-        io.Int.Input("cache_interval", default=SamplingConfig.cache_interval, min=int(LIMITS["cache_interval"][0]),
-                     max=int(LIMITS["cache_interval"][1]), optional=True,
+        io.Int.Input("cache_interval", **widget("cache_interval"), optional=True,
                      tooltip="Experimental speed lever: a full network pass every N steps, reusing its deep "
                              "features in between (DeepCache). 1 is the released setting."),
     ]
@@ -86,14 +83,14 @@ def sampling_inputs() -> list[io.Input]:
                                                     "fps."),
         EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
                                                 "Schedule."),
-        io.Int.Input("steps", default=0, min=0, max=int(LIMITS["steps"][1]),
+        io.Int.Input("steps", default=0, min=0, max=widget("steps")["max"],  # 0: the checkpoint's count
                      tooltip="Denoising steps per clip. 0: the count the checkpoint declares, else 40 as "
                              "the original (the released EmoCAST declares none: 40; the tiny test "
                              "models declare 4)."),
-        io.Float.Input("cfg", default=3.5, min=LIMITS["cfg"][0], max=LIMITS["cfg"][1], step=0.1,
+        io.Float.Input("cfg", **widget("cfg"), step=0.1,
                        round=0.01,
                        tooltip="Guidance scale (3.5 in the original); 1 disables the guidance effect."),
-        io.Int.Input("seed", default=42, min=int(LIMITS["seed"][0]), max=int(LIMITS["seed"][1]),
+        io.Int.Input("seed", **widget("seed"),
                      control_after_generate=True,
                      tooltip="Seed of the initial noise of every clip."),
         weight_input("pose_weight", "Strength of the audio on head pose (background-mask attention)."),
