@@ -18,10 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import NetConfig
+from .config import STORAGE_FORMATS, NetConfig
 from .files import OutputError, atomic_path, output_problem
 from .models import EmoCASTNet
-from .models.ops import STORAGE_FORMATS, CastOps, TorchOps, large_weights
+from .models.ops import CastOps, TorchOps, large_weights
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 # A checkpoint may say what it is: string entries beside its tensors (safetensors metadata, or keys next to

@@ -10,7 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from emocast_lib import layout
-from emocast_lib.config import PRECISIONS
+from emocast_lib.config import PRECISIONS, STORAGE_FORMATS
 from emocast_lib.jobs.schema import ModelSettings, widget
 
 from . import paths
@@ -32,9 +32,20 @@ def weight_and_compute_dtypes(precision: str, device: torch.device) -> tuple[tor
     return weight, mm.unet_manual_cast(weight, device, supported) or weight
 
 
-# The weight_dtype choices of core's Load Diffusion Model -> the library's storage format for the linear/conv weights.
+# The weight_dtype choices of core's Load Diffusion Model -> the library's storage format for the linear/conv weights
+# (ModelSettings.weight_dtype, the CLI's choices); fp8_e4m3fn_fast is ComfyUI's fp8 matrix multiply on top.
 WEIGHT_DTYPES = {"default": "default", "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e4m3fn_fast": "fp8_e4m3fn",
                  "fp8_e5m2": "fp8_e5m2"}
+
+
+def storage_format(weight_dtype: str, device: torch.device) -> str:
+    """The library's storage format for a weight_dtype choice; refused where ComfyUI says `device` cannot cast it
+    (Apple's MPS and DirectML have no fp8)."""
+    stored = WEIGHT_DTYPES[weight_dtype]
+    if stored != "default" and not mm.supports_cast(device, STORAGE_FORMATS[stored]):
+        raise EmoCASTInputError(f"weight_dtype: {weight_dtype} weights cannot be used on {device} (no fp8 there); "
+                                "choose default")
+    return stored
 
 
 def casting_operations(weight_dtype: str, device: torch.device) -> type:
@@ -73,7 +84,8 @@ class ModelLoader(io.ComfyNode):
                                tooltip="auto: what ComfyUI picks for diffusion models on this device (fp16 or "
                                        "bf16 on most GPUs, fp32 on the CPU; --fp16-unet/--bf16-unet/--fp32-unet "
                                        "apply). fp16/bf16/fp32: weights and computation in that precision."),
-                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", optional=True,
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), optional=True,
+                               default=widget("weight_dtype", ModelSettings)["default"],
                                tooltip="How the linear and convolution weights (all but 0.1% of the network) are "
                                        "kept. default: in the precision above. fp8_e4m3fn / fp8_e5m2: 8-bit floats, "
                                        "half of fp16's memory (2.5 GB of weights instead of 5 GB, so the whole "
@@ -102,12 +114,13 @@ class ModelLoader(io.ComfyNode):
 
         path = paths.checkpoint_path(checkpoint)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+        stored = storage_format(weight_dtype, load_device)
         weight, compute = weight_and_compute_dtypes(precision, load_device)
         # ComfyUI's casting layers, casting on every call as the dynamic VRAM patcher makes every layer do: the
         # weights may stay in RAM (partial loading) or in another dtype, and a layer whose weight already is
         # where and what its input is takes it as it is. A network that always casts computes the same whether
         # ComfyUI loads it whole or in part (the library's own-weight fast paths are for plain torch layers).
-        net = load_net(path, dtype=weight, device=offload_device, weight_dtype=WEIGHT_DTYPES[weight_dtype],
+        net = load_net(path, dtype=weight, device=offload_device, weight_dtype=stored,
                        operations=casting_operations(weight_dtype, load_device))
         net.requires_grad_(False)
         # As on core's models (BaseModel): the patcher's compute-dtype patch replaces it (ComfyUI 0.3.64 requires the

@@ -21,7 +21,9 @@ import comfy.ops
 from comfy_venv_models import with_free_gpu_memory
 
 import nodes as comfy_nodes  # ComfyUI's own nodes.py (the pack's are imported as emocast_pack_nodes)
-from emocast_lib.models.ops import STORAGE_FORMATS, large_weights
+from emocast_lib.config import STORAGE_FORMATS
+from emocast_lib.jobs.schema import ModelSettings, widget
+from emocast_lib.models.ops import large_weights
 from packimport import pack_module
 
 nodes_loaders, nodes_sampler = pack_module("loaders"), pack_module("sampler")
@@ -45,6 +47,19 @@ def test_weight_dtype_is_cores_choice_as_an_optional_last_input():
     assert last.optional and last.default == "default" and last.tooltip
     core = comfy_nodes.UNETLoader.INPUT_TYPES()["required"]["weight_dtype"][0]
     assert list(last.options) == list(core) == ["default", *FP8]
+    library = widget("weight_dtype", ModelSettings)  # the CLI's and batch's choices: all but ComfyUI's fp8 matmul
+    assert library["options"] == [o for o in last.options if o != "fp8_e4m3fn_fast"]
+    assert last.default == library["default"]
+
+
+def test_fp8_on_a_device_without_fp8_is_one_line(models, monkeypatch):
+    """ComfyUI's own answer decides (model_management.supports_cast: no fp8 on Apple's MPS or DirectML); no such
+    device here, so that answer stands in for one."""
+    monkeypatch.setattr(mm, "supports_cast", lambda device, dtype: dtype not in FP8.values())
+    with pytest.raises(nodes_loaders.EmoCASTInputError, match="^weight_dtype: fp8_e5m2 weights cannot be used on "
+                                                              r"cpu \(no fp8 there\); choose default$"):
+        load("fp8_e5m2")
+    assert next(load("default").model.parameters()).dtype == torch.float32  # default weights still load
 
 
 @pytest.mark.parametrize("weight_dtype", list(FP8))

@@ -26,10 +26,10 @@ from emocast_lib.checkpoint import (
     net_shapes,
     read_state_dict,
 )
-from emocast_lib.config import NetConfig
+from emocast_lib.config import STORAGE_FORMATS, NetConfig
 from emocast_lib.models import EmoCASTNet
 from emocast_lib.models.blocks import ResnetBlock, SpatialTransformer
-from emocast_lib.models.ops import STORAGE_FORMATS, CastConv2d, CastLinear, CastOps, large_weights, own_weights
+from emocast_lib.models.ops import CastConv2d, CastLinear, CastOps, large_weights, own_weights
 from emocast_lib.pipeline import diffusers_vae
 
 FORMATS = list(STORAGE_FORMATS)
@@ -180,6 +180,13 @@ def test_convert_writes_fp8_and_it_loads_back_strictly(tmp_path, tiny_file, fmt,
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
     wide = load_net(dst).state_dict()
     assert all(wide[k].dtype == torch.float32 and torch.equal(wide[k], sd[k].float()) for k in large)
+    from emocast_lib.cli import main
+
+    assert main(["convert", str(tiny_file), str(tmp_path / "cli.safetensors"), "--dtype", fmt]) == 0  # the command
+    by_cli, meta_cli = read_state_dict(tmp_path / "cli.safetensors")
+    assert meta_cli == meta and by_cli.keys() == sd.keys()
+    assert all(by_cli[k].dtype == sd[k].dtype and torch.equal(by_cli[k].view(torch.uint8), sd[k].view(torch.uint8))
+               for k in sd)
 
 
 def test_convert_refuses_values_beyond_fp8_and_writes_nothing(tmp_path, tiny_file):
@@ -259,3 +266,67 @@ def test_precision_bench_on_the_tiny_network():
     assert rows["fp8_e4m3fn/fp16"]["bytes"]["linear_conv"] * 2 == rows["fp16"]["bytes"]["linear_conv"]
     assert 0 < rows["fp16"]["frames_mean"] < rows["fp8_e4m3fn/fp16"]["frames_mean"] < rows["unrelated"]["frames_mean"]
     assert "| fp8_e4m3fn/fp16 |" in table(result)
+
+
+# --- the runners: `generate --weight-dtype`, the batch option, the session -----------------------------------
+
+@pytest.fixture(scope="module")
+def short_job(tmp_path_factory) -> Path:
+    """The shipped portrait and 0.3 s of the shipped speech (one clip), as a folder."""
+    import soundfile
+
+    from emocast_lib.cli import EXAMPLES
+
+    folder = tmp_path_factory.mktemp("fp8_job")
+    (folder / "portrait.png").write_bytes((EXAMPLES / "emocast_portrait.png").read_bytes())
+    wave, rate = soundfile.read(EXAMPLES / "emocast_speech.wav", dtype="float32")
+    soundfile.write(folder / "speech.wav", wave[: int(0.3 * rate)], rate)
+    return folder
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_session_loads_the_network_with_fp8_weights(tiny_models, fmt):
+    from emocast_lib.jobs import ModelSettings, Session
+
+    with Session(ModelSettings(models=tiny_models, device="cpu", weight_dtype=fmt)) as session:
+        state = session.net.state_dict()
+        large = large_weights(session.net)
+        assert {state[k].dtype for k in large} == {STORAGE_FORMATS[fmt]}
+        assert {v.dtype for k, v in state.items() if k not in large} == {session.dtype}
+
+
+def test_weight_dtype_is_an_option_of_generate_and_batch(capsys):
+    from emocast_lib.cli import main
+    from emocast_lib.jobs.checks import storage_problems
+
+    for command in ("generate", "batch"):
+        assert main([command, "--help"]) == 0
+        assert "--weight-dtype {default,fp8_e4m3fn,fp8_e5m2}" in " ".join(capsys.readouterr().out.split())
+    assert main(["generate", "--weight-dtype", "fp8_e4m3fn_fast"]) == 2  # ComfyUI's fp8 matmul, not a format
+    assert "argument --weight-dtype: invalid choice: 'fp8_e4m3fn_fast'" in capsys.readouterr().err
+    assert storage_problems("fp8_e4m3fn", torch.device("mps"))[0].field == "weight_dtype"  # no fp8 on Apple's MPS
+    assert storage_problems("fp8_e4m3fn", torch.device("cpu")) == storage_problems("default", torch.device("mps")) == []
+
+
+@pytest.mark.slow
+def test_generate_and_batch_run_with_fp8_weights(tiny_models, short_job, tmp_path, capsys):
+    """`generate --weight-dtype fp8_e5m2` makes the video; the batch records the weight dtype in each mp4, so a
+    rerun with another one makes the video again instead of skipping it."""
+    from emocast_lib.batch import read_record
+    from emocast_lib.cli import main
+
+    out = tmp_path / "fp8.mp4"
+    assert main(["generate", "--models", str(tiny_models), "--image", str(short_job / "portrait.png"), "--audio",
+                 str(short_job / "speech.wav"), "--out", str(out), "--weight-dtype", "fp8_e5m2", "--steps", "2"]) == 0
+    assert out.is_file()
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": str(short_job / "portrait.png"), "audio": str(short_job / "speech.wav"),
+                                "emotion": "A calm portrait.", "out": str(tmp_path / "batch.mp4"), "steps": 2}) + "\n")
+    batch = ["batch", str(jobs), "--models", str(tiny_models), "--threads", "1"]
+    assert main([*batch, "--weight-dtype", "fp8_e4m3fn"]) == 0
+    assert read_record(tmp_path / "batch.mp4")["weight_dtype"] == "fp8_e4m3fn"
+    assert main([*batch, "--weight-dtype", "fp8_e4m3fn"]) == 0  # the same settings: skipped
+    assert json.loads(jobs.with_suffix(".report.json").read_text())["jobs"][0]["status"] == "skipped"
+    assert main(batch) == 0  # default weights: made again
+    assert json.loads(jobs.with_suffix(".report.json").read_text())["jobs"][0]["status"] == "done"
+    assert read_record(tmp_path / "batch.mp4")["weight_dtype"] == "default"

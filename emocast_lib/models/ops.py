@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import STORAGE_FORMATS
+
 # Few rows and a wide input: MKL's sgemm re-packs the weight operand of x @ W^T on every call, while in
 # W @ x^T the weight is the streamed operand (measured on CPU, float32, cold weights: 10-25 % faster at
 # 8-64 rows for 1280-wide inputs, no gain below 1024 or above 64 rows). x^T must be the transposed view
@@ -57,11 +59,6 @@ class TorchOps:
     Conv2d = nn.Conv2d
     GroupNorm = nn.GroupNorm
     LayerNorm = nn.LayerNorm
-
-
-# Formats the large layers' weights can be stored in, by the names ComfyUI's diffusion-model loader uses. e4m3fn
-# keeps 3 mantissa bits within +-448, e5m2 2 bits within +-57344; both halve fp16's bytes.
-STORAGE_FORMATS: dict[str, torch.dtype] = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 class CastLinear(Linear):
