@@ -33,9 +33,10 @@ from ..files import atomic_path
 from ..models import EmoCASTNet
 from ..models.ops import CastOps, TorchOps, large_weights
 from ..pipeline import Vae, diffusers_vae, iter_clips
+from .configs import CONFIGS
 from .fill import fill_tensor
-from .measure import CONFIGS, Inputs, make_inputs
 from .tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_vae
+from .workload import Inputs, make_inputs
 
 DEFAULT_CHOICES = ("fp16", "bf16", "fp8_e4m3fn/fp32", "fp8_e5m2/fp32", "fp8_e4m3fn/fp16", "fp8_e5m2/fp16",
                    "fp8_e4m3fn/bf16", "fp8_e5m2/bf16")
