@@ -40,8 +40,8 @@ EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEnc
                  "EmoCASTSampler", "EmoCASTSamplerToVideo"}
 
 
-def harness(*args: str, timeout: float = 600) -> dict:
-    proc = subprocess.run([sys.executable, str(HARNESS), "--pack", str(ROOT), "--comfy-dir", COMFY_DIR,
+def harness(*args: str, timeout: float = 600, pack: Path = ROOT) -> dict:
+    proc = subprocess.run([sys.executable, str(HARNESS), "--pack", str(pack), "--comfy-dir", COMFY_DIR,
                            "--venv", COMFY_VENV, *args], capture_output=True, text=True, timeout=timeout)
     try:
         return json.loads(proc.stdout)
@@ -82,6 +82,24 @@ def test_pack_imports_and_every_node_has_tooltips():
         assert "face_landmarks" not in optional
     custom = {t for node in EMOCAST_NODES for t in info[node]["output"] if t.startswith("EMOCAST_")}
     assert custom == {"EMOCAST_MODEL", "EMOCAST_AUDIO", "EMOCAST_EMOTION", "EMOCAST_FACE", "EMOCAST_CROP_INFO"}
+
+
+def manager_installed_copies() -> list[Path]:
+    """This pack's folders in ComfyUI's own custom_nodes/ (where ComfyUI-Manager installs it; .ci/run does)."""
+    folder = Path(COMFY_DIR or "", "custom_nodes")
+    return sorted(d for d in folder.glob("*") if (d / "pyproject.toml").is_file() and (d / "nodes").is_dir()
+                  and 'name = "emocast"' in (d / "pyproject.toml").read_text())
+
+
+def test_the_copy_comfyui_manager_installed_lists_the_ten_nodes():
+    """The folder `cm-cli install` made (clone, requirements.txt, install.py) loads in ComfyUI as it is."""
+    copies = manager_installed_copies()
+    if not copies:
+        pytest.skip(f"no ComfyUI-Manager install of the pack in {COMFY_DIR}/custom_nodes: .ci/run makes one with "
+                    "`cm-cli install file://localhost/<clone>`")
+    summary = harness("--object-info-only", pack=copies[0])
+    assert summary["ok"] and not summary["pack_import"]["failed"], summary.get("pack_import")
+    assert set(summary["pack_nodes"]) == EMOCAST_NODES
 
 
 def _mp4_streams(path: Path) -> dict:
