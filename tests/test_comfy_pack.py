@@ -8,6 +8,7 @@ EMOCAST_TINY_MODELS to reuse an existing make-tiny-models folder.
 from __future__ import annotations
 
 import ast
+import http.client
 import json
 import math
 import os
@@ -17,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -202,20 +202,27 @@ def comfy_server(base: Path, tiny_models: Path):
         server.stop()
 
 
-def http_json(url: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+def http_json(server, path: str, body: dict | None = None) -> dict:
+    """GET (or POST `body` to) the local server's `path`; its JSON answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        connection.request("GET" if body is None else "POST", path, None if body is None else json.dumps(body),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        assert response.status == 200, answer
+        return answer
+    finally:
+        connection.close()
 
 
 def run_through_server(server, prompt: dict, extra_data: dict, timeout: float = 1200) -> dict:
     """POST /prompt as the frontend does (with its extra_data), then the finished /history entry."""
-    prompt_id = http_json(f"{server.url}/prompt", {"prompt": prompt, "client_id": "emocast-tests",
-                                                   "extra_data": extra_data})["prompt_id"]
+    prompt_id = http_json(server, "/prompt", {"prompt": prompt, "client_id": "emocast-tests",
+                                              "extra_data": extra_data})["prompt_id"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        history = http_json(f"{server.url}/history/{prompt_id}")
+        history = http_json(server, f"/history/{prompt_id}")
         if prompt_id in history:
             return history[prompt_id]
         assert server.proc.poll() is None, server.log_text()[-3000:]
@@ -242,7 +249,7 @@ def test_sampler_to_video_embeds_the_workflow_as_core_save_video_does(tiny_model
         sys.path.remove(str(HARNESS.parent))
     ui = json.loads((ROOT / "example_workflows" / "emocast_talking_portrait.json").read_text())
     with comfy_server(tmp_path / "base", tiny_models) as server:
-        prompt, _ = convert_ui_to_api(ui, http_json(f"{server.url}/object_info"))
+        prompt, _ = convert_ui_to_api(ui, http_json(server, "/object_info"))
         sampler = next(node for node in prompt.values() if node["class_type"] == "EmoCASTSampler")
         prompt["stream"] = {"class_type": "EmoCASTSamplerToVideo",
                             "inputs": {**sampler["inputs"], "filename_prefix": "emo/stream"}}
