@@ -29,9 +29,14 @@ from emocast_lib import layout
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT.parent / "shared" / "comfy_harness" / "run_workflow.py"
 COMFY_DIR, COMFY_VENV = os.environ.get("COMFY_DIR"), os.environ.get("COMFY_VENV")
-pytestmark = [pytest.mark.comfy, pytest.mark.slow, pytest.mark.skipif(
-    not (COMFY_DIR and COMFY_VENV and Path(COMFY_DIR, "main.py").is_file() and HARNESS.is_file()),
-    reason="needs a real ComfyUI: set COMFY_DIR and COMFY_VENV to a tree prepared by comfy_harness/setup.sh")]
+pytestmark = [pytest.mark.comfy, pytest.mark.slow]
+NO_COMFY = not (COMFY_DIR and COMFY_VENV and Path(COMFY_DIR, "main.py").is_file() and HARNESS.is_file())
+
+
+def needs_comfy(test):
+    """Skipped, by name, where no real ComfyUI is prepared."""
+    return pytest.mark.skipif(NO_COMFY, reason=f"{test.__name__}: needs a real ComfyUI: set COMFY_DIR and "
+                                               "COMFY_VENV to a tree prepared by comfy_harness/setup.sh")(test)
 
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 INPUTS = ROOT / "example_workflows" / "inputs"
@@ -60,6 +65,7 @@ def tiny_models(tmp_path_factory) -> Path:
     return out
 
 
+@needs_comfy
 def test_pack_imports_and_every_node_has_tooltips():
     summary = harness("--object-info-only")
     assert summary["ok"], summary
@@ -91,6 +97,7 @@ def manager_installed_copies() -> list[Path]:
                   and 'name = "emocast"' in (d / "pyproject.toml").read_text())
 
 
+@needs_comfy
 def test_the_copy_comfyui_manager_installed_lists_the_ten_nodes():
     """The folder `cm-cli install` made (clone, requirements.txt, install.py) loads in ComfyUI as it is."""
     copies = manager_installed_copies()
@@ -117,6 +124,7 @@ def model_folders(tiny_models: Path) -> list[str]:
     return [arg for d in sorted(tiny_models.iterdir()) if d.is_dir() for arg in ("--extra-model-path", f"{d.name}={d}")]
 
 
+@needs_comfy
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_shipped_workflow_makes_mp4_with_sound(workflow: Path, tiny_models: Path):
     """As a user runs a template: no --input here, the example inputs are the ones the pack put into
@@ -160,6 +168,7 @@ BROWSER = bool(shutil.which(os.environ.get("CHROMIUM", "chromium"))) and Path(
     os.environ.get("COMFY_PW_DIR", "/tmp/comfy_pw"), "node_modules", "playwright-core").is_dir()
 
 
+@needs_comfy
 @pytest.mark.skipif(not BROWSER, reason="needs chromium and playwright-core: comfy_harness/setup.sh WITH_BROWSER=1")
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_template_loads_in_the_real_frontend(workflow: Path, tiny_models: Path, tmp_path: Path):
@@ -238,6 +247,7 @@ def mp4_tags(path: Path) -> dict:
         return dict(container.metadata)
 
 
+@needs_comfy
 def test_sampler_to_video_embeds_the_workflow_as_core_save_video_does(tiny_models: Path, tmp_path: Path):
     """Through the server as the frontend queues a workflow (the UI workflow in extra_data.extra_pnginfo):
     EmoCAST Sampler To Video's mp4, streamed beside the template's core Save Video, carries the same prompt
