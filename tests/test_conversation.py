@@ -240,7 +240,8 @@ def test_speaker_syntax():
 @pytest.fixture(scope="module")
 def tracks(tmp_path_factory) -> dict[str, Path]:
     """A stereo recording at 44.1 kHz with one speaker per channel (the template's left track's first 0.4 s
-    left, 0.4 s of its right track right), one of them alone in a mono file, and a track of 300 samples."""
+    left, 0.4 s of its right track right), one of them alone in a mono file, its first half, and a track of
+    300 samples."""
     folder = tmp_path_factory.mktemp("tracks")
     left, rate = soundfile.read(INPUTS / "emocast_conversation_left.wav", dtype="float32")
     right, _ = soundfile.read(INPUTS / "emocast_conversation_right.wav", dtype="float32")
@@ -248,8 +249,10 @@ def tracks(tmp_path_factory) -> dict[str, Path]:
     stereo = soxr.resample(np.stack([left[:n], right[int(1.75 * rate):int(1.75 * rate) + n]], axis=1), rate, 44100)
     soundfile.write(folder / "talk.wav", stereo, 44100, subtype="FLOAT")
     soundfile.write(folder / "left.wav", left[:n], rate)
+    soundfile.write(folder / "half.wav", left[:n // 2], rate)
     soundfile.write(folder / "short.wav", left[:300], rate)
-    return {"talk": folder / "talk.wav", "left": folder / "left.wav", "short": folder / "short.wav"}
+    return {"talk": folder / "talk.wav", "left": folder / "left.wav", "half": folder / "half.wav",
+            "short": folder / "short.wav"}
 
 
 BAD = {  # --speaker arguments -> the one error line, {name} standing for the tracks' paths
@@ -357,14 +360,15 @@ def test_batch_speakers_field(tracks, tmp_path):
 
 @pytest.mark.slow
 def test_batch_conversation_runs_and_a_rerun_skips_it(tracks, tiny_models, tmp_path, capsys):
+    """Tracks of different lengths (0.4 s and 0.2 s) are padded, not refused: the video lasts 0.4 s."""
     folder = tracks["talk"].parent
     jobs = tmp_path / "jobs.jsonl"
     line = {"image": str(TWO_PEOPLE), "out": str(tmp_path / "talk.mp4"), "steps": 1,
-            "speakers": [f"0:{folder / 'talk.wav'}@left:A cheerful host.", f"1:{folder / 'left.wav'}"]}
+            "speakers": [f"0:{folder / 'talk.wav'}@left:A cheerful host.", f"1:{folder / 'half.wav'}"]}
     jobs.write_text(json.dumps(line) + "\n")
     assert main(["batch", str(jobs), "--models", str(tiny_models), "--threads", "1"]) == 0
     record = read_record(tmp_path / "talk.mp4")
-    digests = [photo.file_digest(folder / name) for name in ("talk.wav", "left.wav")]
+    digests = [photo.file_digest(folder / name) for name in ("talk.wav", "half.wav")]
     assert [s["audio_sha256"] for s in record["speakers"]] == digests and "audio_sha256" not in record
     assert [s["channel"] for s in record["speakers"]] == ["left", "mix"]
     frames, _, _ = _decode(tmp_path / "talk.mp4")

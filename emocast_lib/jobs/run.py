@@ -146,9 +146,13 @@ def _run_conversation(session: Session, job: CheckedJob, say: OnProgress, should
         parts = [_prepare(session, job, say, i) for i in range(len(job.spec.speakers))]
     finally:
         session.on_progress = previous
-    with tempfile.TemporaryDirectory(prefix="emocast-speakers-") as tmp:
+    # ignore_cleanup_errors: on Windows a file still mapped by a failing speaker's traceback cannot be removed yet
+    with tempfile.TemporaryDirectory(prefix="emocast-speakers-", ignore_cleanup_errors=True) as tmp:
         frames = _generate_speakers(session, parts, Path(tmp), say, should_stop)
-        return _write_conversation(job, [prepared.crop for _, prepared, _, _ in parts], frames, say, metadata)
+        try:
+            return _write_conversation(job, [prepared.crop for _, prepared, _, _ in parts], frames, say, metadata)
+        finally:
+            del frames  # closes the memory-mapped files before their folder is removed (Windows needs that)
 
 
 def _generate_speakers(session: Session, parts: list, folder: Path, say: OnProgress,
