@@ -9,6 +9,7 @@ CLIP object to the same protocol (`nodes/convert.py`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -17,7 +18,7 @@ import torch
 
 __all__ = ["MAX_TOKENS", "EncodedText", "TextEncoder", "HFTextEncoder", "load_clip_tokenizer", "pad_ids",
            "encode_prompt", "emotion_embeddings", "emotion_schedule", "EMOTION_CFG_RANGE", "STRENGTH_RANGE",
-           "emotion_cfg_problem", "strength_problem", "strength_schedule"]
+           "emotion_cfg_problem", "strength_problem", "strength_schedule", "split_strength"]
 
 MAX_TOKENS = 77
 # Emotion guidance (sampling.py): emotion_cfg is a guidance scale with cfg's range; a schedule segment's
@@ -143,6 +144,28 @@ def strength_schedule(segments: Sequence[tuple[float, float, float]], crossfade_
     return emotion_schedule([(torch.tensor(float(s)), start, end) for s, start, end in segments], crossfade_s, fps,
                             num_frames)
 
+
+
+# A schedule segment's text may end in "@<strength>": "4-9 s: terrified @1.6" (a number after the @; other
+# text after an @, "@home", stays part of the prompt).
+_STRENGTH_SUFFIX = re.compile(r"\s@\s*([-+]?(?:\d|\.\d|nan|inf)\S*)\s*$", re.IGNORECASE)
+
+
+def split_strength(text: str) -> tuple[str, float]:
+    """Segment text -> (emotion text, strength): a trailing "@1.6" is the strength (1 without one). Raises
+    ValueError (one line) for a suffix that is not a usable strength."""
+    match = _STRENGTH_SUFFIX.search(" " + text)
+    if match is None:
+        return text.strip(), 1.0
+    try:
+        strength = float(match.group(1))
+    except ValueError:
+        raise ValueError(f"strength: {match.group(1)!r} after '@' is not a number; end the segment with "
+                         "@ and a multiple of emotion_cfg, e.g. @1.6") from None
+    problem = strength_problem(strength)
+    if problem:
+        raise ValueError(problem)
+    return text[: max(match.start() - 1, 0)].strip(), strength
 
 
 def emotion_cfg_problem(value: object, unset: str = "leave it unset") -> str | None:

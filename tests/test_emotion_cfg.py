@@ -17,7 +17,13 @@ from safetensors.torch import load_file
 
 from emocast_lib.bench.tiny import TINY_NET, TINY_SEED, TINY_VAE, filled_net, filled_vae
 from emocast_lib.config import LATENT_SCALE, REGIONS, SamplingConfig
-from emocast_lib.emotion import emotion_cfg_problem, emotion_schedule, strength_problem, strength_schedule
+from emocast_lib.emotion import (
+    emotion_cfg_problem,
+    emotion_schedule,
+    split_strength,
+    strength_problem,
+    strength_schedule,
+)
 from emocast_lib.models import ClipConditioning
 from emocast_lib.pipeline import AudioWindows, Emotion, Portrait, diffusers_vae, emotion_scales, iter_clips
 from emocast_lib.sampling import check_settings, make_scheduler
@@ -251,6 +257,14 @@ def test_per_frame_guidance_weights_follow_the_schedule(tiny):
     assert ref_rows == [2, 2, 2 * MOTION, 2 * MOTION]
 
 
+@pytest.mark.parametrize("text,expected", [("terrified @1.6", ("terrified", 1.6)), ("terrified", ("terrified", 1.0)),
+                                           ("calm and warm @ .7 ", ("calm and warm", 0.7)),
+                                           ("at home @home", ("at home @home", 1.0)), ("@2", ("", 2.0))])
+def test_segment_text_carries_its_strength_after_an_at(text, expected):
+    """Schedule strings: "4-9 s: terrified @1.6"; an @ followed by anything but a number is prompt text."""
+    assert split_strength(text) == expected
+
+
 # ------------------------------------------------------------------------------------- bad values
 
 @pytest.mark.parametrize("value,message", [(math.nan, "emotion_cfg: nan is not a finite number"),
@@ -265,6 +279,15 @@ def test_bad_emotion_cfg_is_one_line_before_any_work(value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         next(iter_clips(object(), None, *_inputs(1), _settings(emotion_cfg=value)))
     assert emotion_cfg_problem(0) is None and emotion_cfg_problem(20.0) is None
+
+
+@pytest.mark.parametrize("text,message", [("scared @nan", "strength: nan is not a finite number"),
+                                          ("scared @-1", "strength: -1 is negative"),
+                                          ("scared @9", "strength: 9 is above 4"),
+                                          ("scared @1.6x", "strength: '1.6x' after '@' is not a number")])
+def test_bad_segment_strength_is_one_line(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        split_strength(text)
 
 
 @pytest.mark.parametrize("value,message", [(math.inf, "strength: inf is not a finite number"),
