@@ -1,28 +1,23 @@
 """`python -m emocast_lib batch JOBS`: many talking-portrait videos from one JSONL or CSV jobs file.
 
-Built on the job API (job.py): every line becomes a `JobSpec`; `check_models` + `check_job` validate
-all of them before any model loads; a `Session` per worker loads the models once and caches portraits,
-emotion encodings and audio features shared by jobs; `run_job` writes each mp4 atomically.
+Built on the job API (jobs/): every line becomes a `JobSpec` (its columns and their checks are the
+schema's fields); `check_models` + `check_job` validate all of them before any model loads, decoding each
+photo and sound once for the lines that share it; a `Session` per worker loads the models once and caches
+portraits, emotion encodings and audio features shared by jobs; `run_job` writes each mp4 atomically.
 
-Jobs run one after another in this process, or with `--ray` on a Ray runtime: one actor per GPU (or
-per N CPU threads) holds a session and takes the next job from the driver, which keeps only the queue
-and the report. Ray is imported only then.
-
-Nothing done twice: each mp4 carries the settings that made it (mp4 metadata, written with the file,
-so the record and the video appear together). A rerun skips a job whose output exists and whose
-record equals the job's settings: the same photo and audio bytes (sha256), the same JobSpec values,
-the same model files (size and hash of their first and last MiB) and precision. The device it ran on
-is not part of it. `--redo` runs every job again.
+Jobs run one after another in this process, or with `--ray` on a Ray runtime (ray_pool.py). Nothing done
+twice: each mp4 carries the settings that made it (mp4 metadata, written with the file, so the record and
+the video appear together). A rerun skips a job whose output exists and whose record equals the job's
+settings: the same photo and audio bytes (sha256), the same JobSpec values, the same model files (size
+and hash of their first and last MiB) and how they load (precision). The device it ran on is not part of it. `--redo`
+runs every job again.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import hashlib
-import itertools
 import json
-import logging
 import math
 import os
 import re
@@ -31,23 +26,42 @@ import socket
 import sys
 import threading
 import time
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
+import av
+import torch
+from tqdm import tqdm
+
 from . import layout
-from .job import JobError, JobSpec, ModelSettings, Progress, Segment
+from .files import write_bytes
+from .jobs import (
+    CheckedJob,
+    Inputs,
+    JobError,
+    JobSpec,
+    ModelSettings,
+    Progress,
+    Segment,
+    Session,
+    check_job,
+    check_models,
+    default_checkpoint,
+    run_job,
+)
+from .jobs.schema import choices, extra, fields, kind
+from .sampling import GenerationCancelled
 
 REQUIRED = ("image", "audio", "emotion", "out")
 PATHS = ("image", "audio", "out")
-# The optional fields of a line: `weights` (pose/face/lip) and JobSpec's own value fields, typed as their
-# defaults (steps defaults to None: the checkpoint's step count).
+# `weights` (pose/face/lip) stands for three fields; every other JobSpec field the schema puts in the
+# batch file is a column of its own.
 WEIGHTS = {"pose": "pose_weight", "face": "face_weight", "lip": "lip_weight"}
-SPEC_VALUES = {f.name: int if f.name == "steps" else type(f.default) for f in dataclasses.fields(JobSpec)
-               if f.name not in (*REQUIRED, "schedule", "overwrite", *WEIGHTS.values())}
-OPTIONAL = ("weights", *SPEC_VALUES)
+COLUMNS = tuple(name for name, info in fields(JobSpec).items()
+                if extra(info, "batch") and name not in (*REQUIRED, *WEIGHTS.values()))
+OPTIONAL = ("weights", *COLUMNS)
 RECORD_TAG = "comment"  # the mp4 metadata tag holding {"emocast_batch": settings}
 RECORD_KEY = "emocast_batch"
 
@@ -78,25 +92,14 @@ def _text(name: str, value: Any) -> str:
     return value
 
 
-def _typed(name: str, value: Any, kind: type) -> Any:
-    """A JSON value or a CSV cell -> int, float, bool or str; ValueError names the field."""
-    if kind is str:
-        return _text(name, value)
-    if isinstance(value, str):
-        text = value.strip()
-        if kind is bool and text.lower() in _TRUE + _FALSE:
-            return text.lower() in _TRUE
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}: {value!r} is not true or false")
+def _cell(value: Any) -> Any:
+    """Text holding a JSON number (a CSV cell, or a JSONL string) -> that number; other values as given."""
+    if not isinstance(value, str):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ValueError(f"{name}: {value!r} is not {'a whole number' if kind is int else 'a number'}")
-    return kind(value)  # ranges and finiteness: job.check_job
+    try:
+        return json.loads(value.strip())
+    except json.JSONDecodeError:
+        return value.strip()
 
 
 def _json_cell(name: str, value: Any, opener: str) -> Any:
@@ -109,24 +112,16 @@ def _json_cell(name: str, value: Any, opener: str) -> Any:
     return value
 
 
-def parse_emotion(value: Any) -> dict[str, Any]:
-    """`emotion` -> JobSpec values: a prompt, or a schedule given as a list of {"text", "start", "end"}
-    (seconds) or as the text `0-1.5 s: "calm" | 1.5-3 s: angry` (the Emotion Schedule node's preview)."""
-    value = _json_cell("emotion", value, "[")
-    if isinstance(value, list):
-        segments = []
-        for i, seg in enumerate(value, 1):
-            if not isinstance(seg, dict) or set(seg) != {"text", "start", "end"}:
-                raise ValueError(f'emotion: schedule entry {i} must be {{"text", "start", "end"}}, got {seg!r}')
-            segments.append(Segment(_text(f"emotion entry {i} text", seg["text"]),
-                                    _typed(f"emotion entry {i} start", seg["start"], float),
-                                    _typed(f"emotion entry {i} end", seg["end"], float)))
-        if not segments:
-            raise ValueError('emotion: the schedule is empty; give at least one {"text", "start", "end"}')
-        return {"schedule": tuple(segments)}
-    text = _text("emotion", value)
-    if not _SEGMENT.match(text.split("|")[0]):
-        return {"emotion": text}
+def _schedule_entry(i: int, seg: Any) -> Segment:
+    if not isinstance(seg, dict) or set(seg) != {"text", "start", "end"}:
+        raise ValueError(f'emotion: schedule entry {i} must be {{"text", "start", "end"}}, got {seg!r}')
+    try:
+        return Segment(_text(f"emotion entry {i} text", seg["text"]), _cell(seg["start"]), _cell(seg["end"]))
+    except JobError as e:
+        raise ValueError(f"emotion entry {i}: {'; '.join(p.message for p in e.problems)}") from None
+
+
+def _text_schedule(text: str) -> tuple[Segment, ...]:
     segments = []
     for i, part in enumerate(text.split("|"), 1):
         m = _SEGMENT.match(part)
@@ -134,10 +129,24 @@ def parse_emotion(value: Any) -> dict[str, Any]:
             raise ValueError(f"emotion: schedule part {i} {part.strip()!r} is not `START-END s: text` "
                              f"(seconds, e.g. `0-1.5 s: calm | 1.5-3 s: angry`)")
         segments.append(Segment(m.group(3).strip('"'), float(m.group(1)), float(m.group(2))))
-    return {"schedule": tuple(segments)}
+    return tuple(segments)
 
 
-def parse_weights(value: Any) -> dict[str, float]:
+def parse_emotion(value: Any) -> dict[str, Any]:
+    """`emotion` -> JobSpec values: a prompt, or a schedule given as a list of {"text", "start", "end"}
+    (seconds) or as the text `0-1.5 s: "calm" | 1.5-3 s: angry` (the Emotion Schedule node's preview)."""
+    value = _json_cell("emotion", value, "[")
+    if isinstance(value, list):
+        if not value:
+            raise ValueError('emotion: the schedule is empty; give at least one {"text", "start", "end"}')
+        return {"schedule": tuple(_schedule_entry(i, seg) for i, seg in enumerate(value, 1))}
+    text = _text("emotion", value)
+    if not _SEGMENT.match(text.split("|")[0]):
+        return {"emotion": text}
+    return {"schedule": _text_schedule(text)}
+
+
+def parse_weights(value: Any) -> dict[str, Any]:
     """{"pose": p, "face": f, "lip": l} or the text `pose=p face=f lip=l` -> JobSpec's *_weight values
     (a weight left out keeps its default)."""
     value = _json_cell("weights", value, "{")
@@ -148,11 +157,23 @@ def parse_weights(value: Any) -> dict[str, float]:
         value = dict(p.split("=") for p in pairs)
     if not isinstance(value, dict) or not value or set(value) - set(WEIGHTS):
         raise ValueError(f"weights: {value!r} must name some of {', '.join(WEIGHTS)}, e.g. lip=1.2")
-    return {WEIGHTS[k]: _typed(f"weights {k}", v, float) for k, v in value.items()}
+    return {WEIGHTS[k]: _column(WEIGHTS[k], v) for k, v in value.items()}
+
+
+def _column(name: str, value: Any) -> Any:
+    """A column's raw value as the schema's type takes it (text and choice fields keep their text); type
+    and range are then checked by the schema."""
+    info = fields(JobSpec)[name]
+    if kind(info) is str or choices(info) or not isinstance(value, str):
+        return value
+    if kind(info) is bool and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    return _cell(value)
 
 
 def parse_values(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Raw fields of one line -> JobSpec keyword values; ValueError names the field and what is wrong."""
+    """Raw fields of one line -> JobSpec keyword values, checked by the schema; ValueError names the field
+    and what is wrong."""
     unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(REQUIRED + OPTIONAL)}")
@@ -166,9 +187,13 @@ def parse_values(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     values.update(parse_emotion(raw["emotion"]))
     if "weights" in raw:
         values.update(parse_weights(raw["weights"]))
-    values.update({k: _typed(k, raw[k], kind) for k, kind in SPEC_VALUES.items() if k in raw})
+    values.update({k: _column(k, raw[k]) for k in COLUMNS if k in raw})
     if "crossfade" in values and "schedule" not in values:
         raise ValueError("crossfade: only applies to an emotion schedule; this line has a single emotion")
+    try:
+        JobSpec(**values)
+    except JobError as e:
+        raise ValueError("; ".join(map(str, e.problems))) from None
     return values
 
 
@@ -256,9 +281,7 @@ def check_outputs_distinct(jobs: list[JobLine]) -> None:
 # --- the settings record: what makes a rerun skip a job ---------------------------------------------------
 
 def _model_files(settings: ModelSettings, identity: bool) -> list[Path]:
-    """The files a session reads (layout's entries, folders expanded; the checkpoint as job.Session finds it)."""
-    from .job import default_checkpoint
-
+    """The files a session reads (layout's entries, folders expanded; the checkpoint as Session finds it)."""
     models = Path(settings.models)
     entries = [Path(settings.checkpoint) if settings.checkpoint else default_checkpoint(models)]
     entries += [f.path(models) for f in layout.REQUIRED if f is not layout.NET
@@ -284,20 +307,24 @@ def models_fingerprint(settings: ModelSettings, identity: bool) -> dict[str, str
             for p in _model_files(settings, identity)}
 
 
-def settings_record(spec: JobSpec, precision: str, models: dict[str, str], digest: Callable[[Path], str]) -> dict:
+# ModelSettings fields that do not shape the video (the model files count by content, below).
+NOT_RECORDED = ("models", "checkpoint", "device")
+
+
+def settings_record(job: CheckedJob, settings: ModelSettings, models: dict[str, str]) -> dict:
     """Everything that determines a job's video, as plain JSON values: the input files by content, every
-    other JobSpec value, the precision asked for and the model files."""
+    other JobSpec value, how the models load (ModelSettings but NOT_RECORDED: the precision asked for) and
+    the model files."""
+    spec = job.spec
     unused = ("emotion",) if spec.schedule else ("schedule", "crossfade")
-    values = {k: v for k, v in dataclasses.asdict(spec).items() if k not in (*PATHS, "overwrite", *unused)}
-    record = {"image_sha256": digest(Path(spec.image)), "audio_sha256": digest(Path(spec.audio)),
-              **values, "precision": precision, "models": models}
+    values = spec.model_dump(mode="json", exclude={*PATHS, "overwrite", *unused})
+    record = {"image_sha256": job.image_sha256, "audio_sha256": job.audio_sha256, **values,
+              **settings.model_dump(mode="json", exclude=set(NOT_RECORDED)), "models": models}
     return json.loads(json.dumps(record))  # tuples -> lists: compares equal to what is read back
 
 
 def read_record(out: Path) -> dict | None:
     """The settings recorded in an mp4 made by this command, or None (no file, not an mp4, not ours)."""
-    import av
-
     try:
         with av.open(str(out)) as container:
             text = container.metadata.get(RECORD_TAG, "")
@@ -335,15 +362,16 @@ class Entry:
 
 
 class Ledger:
-    """The driver's state besides the queue: the job entries, the progress line and report.json, which is
-    rewritten atomically at every change, so even a killed batch leaves an honest report."""
+    """The driver's state: the job entries, the progress line (tqdm: rewritten in place on a terminal,
+    in a log every 30 s and on each change of state) and report.json, which is rewritten atomically at
+    every change, so even a killed batch leaves an honest report."""
 
     def __init__(self, entries: list[Entry], report: Path, jobs_file: Path, mode: str, stream: TextIO):
         self.entries, self.report, self.jobs_file, self.mode, self.stream = entries, report, jobs_file, mode, stream
         self.workers = 1
         self.begun = time.monotonic()
-        self._tty = stream.isatty()
-        self._drawn_at, self._drawn = -math.inf, ""
+        self.bar = tqdm(total=len(entries), file=stream, bar_format="{desc}", miniters=0, leave=False,
+                        mininterval=0.25 if stream.isatty() else 30.0)
 
     def count(self, *status: str) -> int:
         return sum(e.status in status for e in self.entries)
@@ -354,12 +382,13 @@ class Ledger:
         self.draw(force=True)
 
     def finish(self, entry: Entry, status: str, error: str | None = None, retry: bool = False) -> None:
-        """Close the running attempt; with `retry` the job is pending again (its worker died)."""
+        """Close the running attempt; with `retry` the job runs again (its worker died)."""
         seconds = round(time.monotonic() - entry.started, 3)
         entry.attempts.append({"worker": entry.worker, "seconds": seconds, "status": status, "error": error})
-        entry.status, entry.seconds, entry.error = ("pending" if retry else status), seconds, error
+        entry.status, entry.seconds, entry.error = ("running" if retry else status), seconds, error
         if retry:
-            self.say(f"line {entry.line}: {error}; trying it again on another worker")
+            entry.started = time.monotonic()
+            self.say(f"line {entry.line}: {error}; trying it again")
         else:
             where = f" ({seconds:.1f} s, {entry.worker})" if status == "done" else ""
             self.say(f"line {entry.line}: {status} {entry.out}{where}" + (f": {error}" if error else ""))
@@ -385,25 +414,21 @@ class Ledger:
                 f"({self.count('running')} running), ETA {format_eta(self.eta())}")
 
     def draw(self, force: bool = False) -> None:
-        """The progress line: redrawn in place on a terminal; in a log, printed on changes of state and
-        at most every 30 s otherwise."""
-        now = time.monotonic()
-        if not force and now - self._drawn_at < (0.25 if self._tty else 30.0):
-            return
-        text = self.line()
-        if text != self._drawn or self._tty:
-            self.stream.write(f"\r{text}\x1b[K" if self._tty else text + "\n")
-            self.stream.flush()
-        self._drawn_at, self._drawn = now, text
+        """The progress line, now (`force`) or when tqdm's interval has passed."""
+        self.bar.set_description_str(self.line(), refresh=False)
+        if force:
+            self.bar.refresh()
+        else:
+            self.bar.update(0)
 
     def say(self, text: str) -> None:
         """A line that stays (a job finished, a bad line), printed above the progress line."""
-        self.stream.write(("\r\x1b[K" if self._tty else "") + text + "\n")
-        self.stream.flush()
+        self.bar.write(text, file=self.stream)
+
+    def close(self) -> None:
+        self.bar.close()
 
     def write_report(self) -> None:
-        from .files import write_bytes
-
         report = {"jobs_file": str(self.jobs_file), "mode": self.mode,
                   "seconds": round(time.monotonic() - self.begun, 3),
                   "summary": {s: self.count(s) for s in (*FINAL, "pending", "running")},
@@ -415,10 +440,7 @@ class Ledger:
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "--"
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    return tqdm.format_interval(round(seconds))
 
 
 # --- workers: the same runner in this process and inside each Ray actor -----------------------------------
@@ -426,7 +448,7 @@ def format_eta(seconds: float) -> str:
 @dataclass
 class Task:
     index: int  # the job's ledger entry
-    spec: JobSpec
+    job: CheckedJob
     record: dict[str, Any]  # written into the mp4 (settings_record)
 
 
@@ -442,19 +464,15 @@ class Worker:
     """One model session and one job at a time. `stop` (an Event) cancels the running job between two
     denoising steps; its mp4 is then not written."""
 
-    def __init__(self, name: str, settings: ModelSettings, identity: bool):
-        from .job import Session
-
+    def __init__(self, name: str, settings: ModelSettings, identity: bool, inputs: Inputs | None = None):
         self.name = name
-        self.session = Session(settings)
+        self.session = Session(settings, inputs=inputs)
         self.session.load(identity=identity)
         self.stop = threading.Event()
         self.progress = 0.0
 
     def run(self, task: Task, on_progress: Callable[[float], None] | None = None) -> dict[str, Any]:
-        from .job import run_job
-        from .sampling import GenerationCancelled
-
+        """{"index", "worker", "status", "error"}; a job's failure is a result, never an exception."""
         def progress(p: Progress) -> None:
             if p.stage == "sample" and p.total:
                 self.progress = p.done / p.total
@@ -462,14 +480,16 @@ class Worker:
                     on_progress(self.progress)
 
         self.progress = 0.0
+        result = {"index": task.index, "worker": self.name, "status": "done", "error": None}
+        job = CheckedJob(task.job.spec, self.session.inputs, task.job.landmarks)  # this process's decodings
         try:
-            run_job(self.session, task.spec, on_progress=progress, should_stop=self.stop.is_set,
+            run_job(self.session, job, on_progress=progress, should_stop=self.stop.is_set,
                     metadata=record_metadata(task.record))
         except GenerationCancelled:
-            return {"status": "cancelled", "error": "cancelled by Ctrl-C"}
+            result.update(status="cancelled", error="cancelled by Ctrl-C")
         except Exception as e:  # one job's failure (bad input, out of memory, ...) never stops the batch
-            return {"status": "failed", "error": describe_error(e)}
-        return {"status": "done"}
+            result.update(status="failed", error=describe_error(e))
+        return result
 
 
 def worker_name(prefix: str) -> str:
@@ -477,11 +497,12 @@ def worker_name(prefix: str) -> str:
 
 
 def run_embedded(ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity: bool,
-                 stop: threading.Event) -> None:
-    """The jobs one after another in this process, with the models loaded once."""
+                 stop: threading.Event, inputs: Inputs) -> None:
+    """The jobs one after another in this process, with the models loaded once and the inputs decoded
+    by the checks."""
     ledger.say(f"loading the models from {settings.models} ...")
     try:
-        worker = Worker(worker_name("local"), settings, identity)
+        worker = Worker(worker_name("local"), settings, identity, inputs)
     except Exception as e:  # models that do not load fail every job, with the reason
         for task in tasks:
             entry = ledger.entries[task.index]
@@ -502,156 +523,9 @@ def run_embedded(ledger: Ledger, tasks: list[Task], settings: ModelSettings, ide
 
             ledger.start(entry, worker.name)
             result = worker.run(task, on_progress=progress)
-            ledger.finish(entry, result["status"], result.get("error"))
+            ledger.finish(entry, result["status"], result["error"])
     finally:
         worker.session.close()
-
-
-# --- Ray: one actor per GPU (or per N CPU threads) takes jobs; the driver keeps the queue and the report ---
-
-RAY_INSTALL = 'Ray is not installed: pip install -r requirements-ray.txt (or pip install ".[ray]")'
-LOCAL_OBJECT_STORE = 256 * 1024**2  # jobs and results are a few kB: the frames go to disk on the worker
-
-
-class RayStartError(RuntimeError):
-    """Ray could not start a local runtime or join the cluster."""
-
-
-def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError(RAY_INSTALL) from None
-    return ray
-
-
-class RayWorker:
-    """The body of a Ray actor (made with `ray.remote` at run time: this module never imports Ray). The
-    actor is threaded, so `progress` and `stop` are answered while `run` works."""
-
-    def __init__(self, name: str, settings: ModelSettings, identity: bool, threads: int | None):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        self.worker = Worker(worker_name(name), settings, identity)
-
-    def ready(self) -> str:
-        return self.worker.name
-
-    def run(self, task: Task) -> dict[str, Any]:
-        return self.worker.run(task)
-
-    def progress(self) -> float:
-        return self.worker.progress
-
-    def stop(self) -> None:
-        self.worker.stop.set()
-
-
-def run_ray(ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity: bool, stop: threading.Event,
-            address: str | None, workers: int | None, threads: int, dashboard: bool) -> None:
-    """The jobs on Ray: a new local runtime when `address` is None, else the cluster at `address`. The
-    pack's library travels to the workers; paths (models, inputs, outputs) must be the same on every node."""
-    ray = import_ray()
-    import emocast_lib
-
-    # The library travels with the job (same code on every node); workers' prints stay in Ray's logs
-    # (dashboard), so the driver shows only the progress line.
-    options = {"runtime_env": {"py_modules": [str(Path(emocast_lib.__file__).parent)], "excludes": ["__pycache__"]},
-               "log_to_driver": False, "logging_level": logging.WARNING}
-    try:
-        if address is None:
-            ray.init(address="local", num_cpus=workers * threads if workers else None, include_dashboard=dashboard,
-                     object_store_memory=LOCAL_OBJECT_STORE, **options)
-        else:
-            ray.init(address=address, **options)
-    except Exception as e:  # a wrong address, a version mismatch, no room for the runtime
-        where = f"the Ray cluster at {address}" if address else "a local Ray runtime"
-        raise RayStartError(f"--ray: could not start or join {where}: {describe_error(e)}") from e
-    try:
-        _drive(ray, ledger, tasks, settings, identity, stop, workers, threads)
-    finally:
-        ray.shutdown()
-
-
-def _drive(ray, ledger: Ledger, tasks: list[Task], settings: ModelSettings, identity: bool, stop: threading.Event,
-           workers: int | None, threads: int) -> None:
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0)) if settings.device in ("auto", "cuda") else 0
-    count = min(workers or gpus or max(1, int(resources.get("CPU", 1)) // threads), len(tasks))
-    remote = ray.remote(max_concurrency=2)(RayWorker)
-    actor = remote.options(num_gpus=1, num_cpus=1) if gpus else remote.options(num_cpus=threads)
-    settings = dataclasses.replace(settings, device="cuda" if gpus else "cpu")
-    ledger.workers = count
-    ledger.say(f"ray: {count} worker(s) on {'one GPU' if gpus else f'{threads} CPU thread(s)'} each, "
-               f"cluster at {ray.get_runtime_context().gcs_address}")
-    numbers = itertools.count()
-    queue, loading, idle, busy, names = deque(tasks), {}, [], {}, {}
-
-    def spawn() -> None:
-        handle = actor.remote(f"w{next(numbers)}", settings, identity, None if gpus else threads)
-        loading[handle.ready.remote()] = handle
-
-    for _ in range(count):
-        spawn()
-    replacements, trouble, stopping, polled = count, "", False, 0.0
-    try:
-        while queue or busy:
-            if stop.is_set() and not stopping:
-                stopping = True
-                for handle, _ in busy.values():
-                    handle.stop.remote()
-            while idle and queue and not stopping:
-                handle, task = idle.pop(), queue.popleft()
-                busy[handle.run.remote(task)] = (handle, task)
-                ledger.start(ledger.entries[task.index], names[handle])
-            if not busy and (stopping or not loading):
-                break
-            ready, _ = ray.wait([*loading, *busy], num_returns=1, timeout=0.5)
-            for ref in ready:
-                if ref in loading:
-                    handle = loading.pop(ref)
-                    try:
-                        names[handle] = ray.get(ref)
-                        idle.append(handle)
-                    except ray.exceptions.RayError as e:  # its models did not load: not replaced
-                        trouble = f"a worker did not start: {describe_error(e)}"
-                        ledger.say(f"ray: {trouble}")
-                    continue
-                handle, task = busy.pop(ref)
-                entry = ledger.entries[task.index]
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as e:  # the worker process died (crash, OOM kill, lost node)
-                    trouble = f"worker {entry.worker} died"
-                    retry = not entry.attempts and not stopping
-                    ledger.finish(entry, "failed", f"{trouble} ({type(e).__name__})", retry=retry)
-                    if retry:
-                        queue.appendleft(task)
-                    if queue and replacements and not stopping:
-                        replacements -= 1
-                        spawn()
-                    continue
-                ledger.finish(entry, result["status"], result.get("error"))
-                idle.append(handle)
-            if busy and time.monotonic() - polled > 1.0:
-                polled = time.monotonic()
-                asked = {ref: handle.progress.remote() for ref, (handle, _) in busy.items()}
-                for ref, answer in asked.items():
-                    try:
-                        ledger.entries[busy[ref][1].index].progress = ray.get(answer, timeout=1.0)
-                    except ray.exceptions.RayError:
-                        pass
-                ledger.draw()
-    finally:  # a worker still loading its models would outlive the runtime by a minute
-        for handle in [*loading.values(), *idle, *(h for h, _ in busy.values())]:
-            ray.kill(handle)
-    for task in queue:
-        entry = ledger.entries[task.index]
-        entry.status = "cancelled" if stopping else "failed"
-        entry.error = "cancelled by Ctrl-C" if stopping else f"not run: no worker left ({trouble})"
-    ledger.write_report()
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -663,72 +537,65 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def add_parser(sub) -> None:
-    """The `batch` subcommand of `python -m emocast_lib` (cli.py)."""
+def add_parser(sub, formatter: type[argparse.HelpFormatter]) -> argparse.ArgumentParser:
+    """The `batch` subcommand of `python -m emocast_lib` (cli.py adds the ModelSettings options)."""
     p = sub.add_parser(
-        "batch", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "batch", formatter_class=formatter,
         help="many videos from a JSONL or CSV jobs file, in this process or on Ray",
         description="One video per line of JOBS (.jsonl: a JSON object per line; .csv: a header row). Fields: "
                     f"{', '.join(REQUIRED)} (required), {', '.join(OPTIONAL)} (optional; defaults as in "
                     "`generate`). Relative paths resolve against the jobs file. Every job is checked before "
                     "any model loads. Jobs whose mp4 exists with the same settings are skipped.")
     p.add_argument("jobs", type=Path, help="the jobs file (.jsonl or .csv)")
-    p.add_argument("--models", type=Path, default=Path("models"), help="ComfyUI-style models folder (see README)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="EmoCAST network (.pth or .safetensors); "
-                   "default: MODELS/emocast/net.pth, else the only .safetensors there")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (with --ray: auto or cpu)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="auto: fp16 on a GPU, fp32 on the CPU")
     p.add_argument("--report", type=Path, default=None, help="report file (default: JOBS with .report.json)")
     p.add_argument("--strict", action="store_true", help="run nothing if any line is bad")
     p.add_argument("--redo", action="store_true",
                    help="run every job again, replacing existing outputs (also files this command did not make)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray: alone, a new local runtime; with an address (host:6379, auto, ray://...), "
-                        "that cluster (needs requirements-ray.txt)")
+                        "that cluster (needs requirements-ray.txt); with --ray the device is auto or cpu")
     p.add_argument("--workers", type=_count, default=None,
                    help="Ray workers (default: one per GPU, else the CPUs divided by --threads)")
     p.add_argument("--threads", type=_count, default=None,
                    help="CPU threads per job (this process: torch's threads; Ray: the CPUs of each CPU worker, "
-                        "default 4)")
+                        "default: 4 or the CPUs of the largest node, whichever is fewer)")
     p.add_argument("--dashboard", action="store_true",
                    help="with a local Ray runtime, start Ray's dashboard (http://127.0.0.1:8265, needs ray[default])")
+    return p
 
 
-def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool) -> list[tuple[int, JobSpec]]:
-    """(index, JobSpec) of the good lines (job.check_job); bad lines get their error. An existing output
-    is replaced only when this command made it (with other settings), or with --redo."""
-    from .job import check_job
-
-    specs = []
-    for i, job in enumerate(lines):
-        if job.error:
+def _validate(lines: list[JobLine], settings: ModelSettings, redo: bool,
+              inputs: Inputs) -> list[tuple[int, CheckedJob]]:
+    """(index, CheckedJob) of the good lines; bad lines get their error. An existing output is replaced
+    only when this command made it (with other settings), or with --redo."""
+    checked = []
+    for i, line in enumerate(lines):
+        if line.error:
             continue
-        out: Path = job.values["out"]
+        out: Path = line.values["out"]
         if out.is_file() and not redo and read_record(out) is None:
-            job.error = (f"out: {out} exists and was not made by this command; move it away, or pass --redo to "
-                         "replace it")
+            line.error = (f"out: {out} exists and was not made by this command; move it away, or pass --redo to "
+                          "replace it")
             continue
-        spec = JobSpec(**job.values, overwrite=out.exists())
-        problems = check_job(spec, settings.models)
-        if problems:
-            job.error = "; ".join(map(str, problems))
-        else:
-            specs.append((i, spec))
-    return specs
+        try:
+            checked.append((i, check_job(JobSpec(**line.values, overwrite=out.exists()), settings.models, inputs)))
+        except JobError as e:
+            line.error = "; ".join(map(str, e.problems))
+    return checked
 
 
-def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
-    """Run the batch; exit code 0 (every job done or skipped), 1 (a job failed or a line was bad),
-    2 (the jobs file or the models cannot be used, or --strict and a bad line), 130 (Ctrl-C)."""
-    from .job import check_models
+@dataclass
+class _Plan:
+    """What main has read and checked, before anything runs."""
 
-    stream = stream or sys.stderr
+    lines: list[JobLine]
+    settings: ModelSettings
+    identity: bool
+    inputs: Inputs
+    checked: list[tuple[int, CheckedJob]]
 
-    def fail(text: str) -> int:
-        print(f"error: {text}", file=stream)
-        return 2
 
+def _read_and_check(args: argparse.Namespace, fail: Callable[[str], int], stream: TextIO) -> _Plan | int:
     if args.ray is not None:
         try:
             import_ray()
@@ -736,59 +603,75 @@ def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
             return fail(str(e))
     try:
         lines = read_jobs(args.jobs)
-    except JobsFileError as e:
+        given = {name: getattr(args, name) for name in fields(ModelSettings)}  # cli.py added them from the schema
+        settings = ModelSettings(**{**given, "device": "auto" if args.ray is not None and args.device != "cpu"
+                                    else args.device})
+    except (JobsFileError, JobError) as e:
         return fail(str(e))
     check_outputs_distinct(lines)
-    settings = ModelSettings(models=args.models, checkpoint=args.checkpoint,
-                             device="auto" if args.ray is not None and args.device != "cpu" else args.device,
-                             precision=args.precision)
     identity = not all(j.values.get("no_identity", False) for j in lines if not j.error)
     problems = check_models(settings, identity=identity)
     if problems:
         return fail("\n".join(map(str, problems)))
-    specs = _validate(lines, settings, args.redo)
-    for job in lines:
-        if job.error:
-            print(f"{args.jobs}:{job.line}: {job.error}", file=stream)
+    inputs = Inputs(settings.models)
+    checked = _validate(lines, settings, args.redo, inputs)
+    for line in lines:
+        if line.error:
+            print(f"{args.jobs}:{line.line}: {line.error}", file=stream)
     if args.strict and any(j.error for j in lines):
+        inputs.close()
         return fail(f"--strict: {sum(bool(j.error) for j in lines)} bad line(s), nothing was run")
+    return _Plan(lines, settings, identity, inputs, checked)
 
-    models = models_fingerprint(settings, identity)
-    digests: dict[Path, str] = {}
 
-    def digest(path: Path) -> str:
-        from .job import file_digest
+def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
+    """Run the batch; exit code 0 (every job done or skipped), 1 (a job failed or a line was bad),
+    2 (the jobs file or the models cannot be used, --strict and a bad line, or Ray cannot run the
+    workers), 130 (Ctrl-C)."""
+    stream = stream or sys.stderr
 
-        if path not in digests:
-            digests[path] = file_digest(path)
-        return digests[path]
+    def fail(text: str) -> int:
+        print(f"error: {text}", file=stream)
+        return 2
 
+    plan = _read_and_check(args, fail, stream)
+    if isinstance(plan, int):
+        return plan
+    models = models_fingerprint(plan.settings, plan.identity)
     entries = [Entry(j.line, str(j.values.get("out", "")), status="invalid" if j.error else "pending",
-                     error=j.error or None) for j in lines]
+                     error=j.error or None) for j in plan.lines]
     tasks = []
-    for i, spec in specs:
-        record = settings_record(spec, settings.precision, models, digest)
-        if not args.redo and spec.overwrite and read_record(spec.out) == record:
+    for i, job in plan.checked:
+        record = settings_record(job, plan.settings, models)
+        if not args.redo and job.spec.overwrite and read_record(job.spec.out) == record:
             entries[i].status = "skipped"
         else:
-            tasks.append(Task(i, spec, record))
+            tasks.append(Task(i, job, record))
     report = args.report or args.jobs.with_suffix(".report.json")
     ledger = Ledger(entries, report, args.jobs, "ray" if args.ray is not None else "embedded", stream)
-    if entries and (skipped := ledger.count("skipped")):
+    try:
+        return _run(args, ledger, tasks, plan, fail)
+    finally:
+        ledger.close()
+        plan.inputs.close()
+
+
+def _run(args: argparse.Namespace, ledger: Ledger, tasks: list[Task], plan: _Plan, fail: Callable[[str], int]) -> int:
+    from .ray_pool import RayStartError, run_ray  # Ray is optional and heavy: imported for --ray only
+
+    if skipped := ledger.count("skipped"):
         ledger.say(f"{skipped} job(s) already done with the same settings (--redo runs them again)")
     ledger.write_report()
     stop, reason = threading.Event(), "cancelled by Ctrl-C"
     try:
         with _ctrl_c_stops(stop, ledger):
             if tasks and args.ray is not None:
-                run_ray(ledger, tasks, settings, identity, stop, args.ray or None, args.workers, args.threads or 4,
-                        args.dashboard)
+                run_ray(ledger, tasks, plan.settings, plan.identity, stop, args.ray or None, args.workers,
+                        args.threads, args.dashboard)
             elif tasks:
                 if args.threads:
-                    import torch
-
                     torch.set_num_threads(args.threads)
-                run_embedded(ledger, tasks, settings, identity, stop)
+                run_embedded(ledger, tasks, plan.settings, plan.identity, stop, plan.inputs)
     except RayStartError as e:
         reason = str(e)
         return fail(reason)
@@ -796,17 +679,28 @@ def main(args: argparse.Namespace, stream: TextIO | None = None) -> int:
         reason = "cancelled by Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"not run: {describe_error(e)}"
         raise
     finally:
-        for entry in entries:
+        for entry in ledger.entries:
             if entry.status in ("pending", "running"):
                 entry.status, entry.error = "cancelled", reason
         ledger.write_report()
-    failed = ledger.count("failed", "invalid", "cancelled")
     ledger.say(f"batch: {ledger.count('done')} done, {ledger.count('skipped')} skipped (already done), "
                f"{ledger.count('failed', 'invalid')} failed, {ledger.count('cancelled')} cancelled, in "
-               f"{time.monotonic() - ledger.begun:.0f} s; report: {report}")
+               f"{time.monotonic() - ledger.begun:.0f} s; report: {ledger.report}")
     if stop.is_set():
         return 130
-    return 1 if failed else 0
+    return 1 if ledger.count("failed", "invalid", "cancelled") else 0
+
+
+RAY_INSTALL = 'Ray is not installed: pip install -r requirements-ray.txt (or pip install ".[ray]")'
+
+
+def import_ray():
+    """Ray, or ImportError with the line that says how to install it."""
+    try:
+        import ray  # optional (requirements-ray.txt)
+    except ImportError:
+        raise ImportError(RAY_INSTALL) from None
+    return ray
 
 
 @contextmanager

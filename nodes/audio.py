@@ -12,6 +12,7 @@ from comfy_api.latest import io, ui
 
 from emocast_lib import audio as audio_lib
 from emocast_lib import layout
+from emocast_lib.jobs.schema import widget
 
 from . import paths
 from .convert import audio_mono, fit_audio
@@ -68,9 +69,9 @@ class AudioEncode(io.ComfyNode):
                                       tooltip=f"wav2vec2-base-960h from core Load Audio Encoder "
                                               f"(models/{layout.WAV2VEC.folder}/{layout.WAV2VEC.name}; download: "
                                               f"{layout.WAV2VEC.source})."),
-                io.Int.Input("fps", default=25, min=1, max=60,
+                io.Int.Input("fps", **widget("fps"),
                              tooltip="Video frame rate. EmoCAST was trained at 25 fps."),
-                io.Int.Input("clip_length", default=16, min=4, max=32,
+                io.Int.Input("clip_length", **widget("clip_length"),
                              tooltip="Frames generated per clip (the model was trained with 16). The audio is "
                                      "padded to whole clips and the video trimmed back to the speech."),
             ],

@@ -6,8 +6,8 @@ import math
 import torch
 from comfy_api.latest import io, ui
 
-from emocast_lib.config import DEFAULT_EMOTION
-from emocast_lib.emotion import STRENGTH_RANGE, emotion_embeddings, emotion_schedule, strength_problem
+from emocast_lib.emotion import emotion_embeddings, emotion_schedule, strength_problem
+from emocast_lib.jobs.schema import Segment, limits, widget
 
 from .convert import ComfyTextEncoder
 from .sockets import EmoCASTEmotion
@@ -29,7 +29,7 @@ class EmotionEncode(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="CLIP-L text encoder: core Load CLIP with clip_l.safetensors and "
                                               "type stable_diffusion (or the CLIP of an SD1.5 checkpoint)."),
-                io.String.Input("text", multiline=True, default=DEFAULT_EMOTION,
+                io.String.Input("text", multiline=True, **widget("emotion"),
                                 tooltip="What the portrait feels, in plain words (at most 75 CLIP tokens). Taken "
                                         "literally: (word:1.2) weighting and embeddings are not applied."),
             ],
@@ -55,14 +55,19 @@ class EmotionEncode(io.ComfyNode):
         return io.NodeOutput(EmotionCond([(cond.hidden[0], 0.0, math.inf)], uncond.hidden, [cond.prompt]))
 
 
+def _seconds(name: str) -> dict[str, float]:
+    low, high = limits(name, Segment)  # the range the CLI and batch accept for a schedule segment
+    return {"min": low, "max": high}
+
+
 def _slot(i: int, start: float) -> list:
     optional = i > 2
     return [
         EmoCASTEmotion.Input(f"emotion_{i}", optional=optional,
                       tooltip=f"Emotion {i} (from EmoCAST Emotion Encode)" + (", optional." if optional else ".")),
-        io.Float.Input(f"start_{i}", default=start, min=0.0, max=3600.0, step=0.1, round=0.01,
+        io.Float.Input(f"start_{i}", default=start, **_seconds("start"), step=0.1, round=0.01,
                        tooltip=f"When emotion {i} starts, in seconds of the video."),
-        io.Float.Input(f"end_{i}", default=start + 1.5, min=0.0, max=3600.0, step=0.1, round=0.01,
+        io.Float.Input(f"end_{i}", default=start + 1.5, **_seconds("end"), step=0.1, round=0.01,
                        tooltip=f"When emotion {i} ends, in seconds. The last emotion is held to the end."),
     ]
 
@@ -78,11 +83,10 @@ class EmotionSchedule(io.ComfyNode):
                         "between two consecutive emotions is a linear crossfade centred between them. Frames "
                         "before the first range take the first emotion, frames after the last keep the last.",
             inputs=[inp for i in range(1, SLOTS + 1) for inp in _slot(i, 1.5 * (i - 1))] + [
-                io.Float.Input("crossfade", default=0.4, min=0.0, max=10.0, step=0.05, round=0.01,
+                io.Float.Input("crossfade", **widget("crossfade"), step=0.05, round=0.01,
                                tooltip="Length in seconds of each crossfade between two emotions (0: hard cut)."),
                 # after the other widgets, so that workflows saved before them keep their values
-                *(io.Float.Input(f"strength_{i}", default=1.0, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1],
-                                 step=0.05, round=0.01, optional=True,
+                *(io.Float.Input(f"strength_{i}", **widget("strength", Segment), step=0.05, round=0.01, optional=True,
                                  tooltip=f"How strongly emotion {i} shows: a multiple of the sampler's emotion_cfg "
                                          "over its time range, crossfaded like the emotions. 1: as emotion_cfg "
                                          "(all 1: the released guidance); any other value costs a third "

@@ -11,6 +11,7 @@ from PIL import Image
 
 from emocast_lib import face as face_lib
 from emocast_lib import layout
+from emocast_lib.jobs.schema import widget
 
 from . import paths
 from .convert import frames_to_image, mask_from_u8, single_image, to_uint8
@@ -79,7 +80,7 @@ class FaceAnalysis(io.ComfyNode):
                                                 "(EmoCAST Crop Portrait makes one). EmoCAST Sampler animates "
                                                 "this image, so it is connected here only."),
                 face_models_input(),
-                io.Float.Input("expand_ratio", default=1.2, min=1.0, max=2.0, step=0.05, round=0.01,
+                io.Float.Input("expand_ratio", **widget("expand_ratio"), step=0.05, round=0.01,
                                tooltip="How far the face mask reaches beyond the face oval (1.2 in the "
                                        "original). Larger allows more head motion."),
                 io.Boolean.Input("identity", default=True, label_on="face recognition",
@@ -140,7 +141,7 @@ class CropPortrait(io.ComfyNode):
                 io.Int.Input("size", default=512, min=64, max=2048, step=64,
                              tooltip="Output side in pixels; 512 for the released model (the sampler resizes "
                                      "to the model size anyway)."),
-                io.Float.Input("scale", default=2.0, min=1.2, max=4.0, step=0.1, round=0.01,
+                io.Float.Input("scale", **widget("crop_scale"), step=0.1, round=0.01,
                                tooltip="Crop side relative to the face height: larger keeps more shoulders and "
                                        "background."),
             ],

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from emocast_lib import layout
 from emocast_lib.config import PRECISIONS
+from emocast_lib.jobs.schema import ModelSettings, widget
 
 from . import paths
 from .sockets import EmoCASTModel
@@ -49,7 +50,7 @@ class ModelLoader(io.ComfyNode):
                                tooltip=f"EmoCAST network in models/{paths.FOLDER}: the released net.pth or a "
                                        f".safetensors made by `python -m emocast_lib convert`. Download: "
                                        f"{layout.NET.source}"),
-                io.Combo.Input("precision", options=["auto", *PRECISIONS], default="auto",
+                io.Combo.Input("precision", **widget("precision", ModelSettings),
                                tooltip="auto: what ComfyUI picks for diffusion models on this device (fp16 or "
                                        "bf16 on most GPUs, fp32 on the CPU; --fp16-unet/--bf16-unet/--fp32-unet "
                                        "apply). fp16/bf16/fp32: weights and computation in that precision."),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -16,9 +15,9 @@ from comfy.cli_args import args
 from comfy_api.latest import io, ui
 
 from emocast_lib.checkpoint import STEPS_KEY
-from emocast_lib.config import SCHEDULERS, SamplingConfig
-from emocast_lib.emotion import EMOTION_CFG_RANGE, emotion_cfg_problem
-from emocast_lib.job import LIMITS, JobError, sampling_config
+from emocast_lib.config import SamplingConfig
+from emocast_lib.emotion import emotion_cfg_problem
+from emocast_lib.jobs.schema import JobError, sampling_config, widget
 from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
 from emocast_lib.video import Mp4Writer
@@ -55,23 +54,20 @@ def check_inputs(net, face: FaceInfo, audio: AudioCond, emotion: EmotionCond) ->
 
 
 def weight_input(name: str, tooltip: str) -> io.Float.Input:
-    low, high = LIMITS[name]  # the ranges the CLI and batch accept too
-    return io.Float.Input(name, default=1.0, min=low, max=high, step=0.05, round=0.01, tooltip=tooltip)
+    return io.Float.Input(name, **widget(name), step=0.05, round=0.01, tooltip=tooltip)  # the CLI's and batch's range
 
 
 def lever_inputs() -> list[io.Input]:
     """The experimental speed levers; they come last in both samplers so that widget values saved by
     workflows from before them stay aligned."""
     return [
-        io.Combo.Input("scheduler", options=list(SCHEDULERS), default=SamplingConfig.scheduler, optional=True,
+        io.Combo.Input("scheduler", **widget("scheduler"), optional=True,
                        tooltip="Experimental speed lever: the sampler. ddim is the released one; dpmpp_2m and "
                                "uni_pc aim at its result in fewer steps (judge the output yourself)."),
-        io.Float.Input("cfg_end", default=SamplingConfig.cfg_end, min=LIMITS["cfg_end"][0],
-                       max=LIMITS["cfg_end"][1], step=0.05, round=0.01, optional=True,
+        io.Float.Input("cfg_end", **widget("cfg_end"), step=0.05, round=0.01, optional=True,
                        tooltip="Experimental speed lever: guidance for this fraction of the steps only, the rest "
                                "runs half the batch. 1 is the released setting."),
-        io.Int.Input("cache_interval", default=SamplingConfig.cache_interval, min=int(LIMITS["cache_interval"][0]),
-                     max=int(LIMITS["cache_interval"][1]), optional=True,
+        io.Int.Input("cache_interval", **widget("cache_interval"), optional=True,
                      tooltip="Experimental speed lever: a full network pass every N steps, reusing its deep "
                              "features in between (DeepCache). 1 is the released setting."),
     ]
@@ -83,8 +79,9 @@ SAME_AS_CFG = -1.0
 
 def emotion_cfg_input() -> io.Input:
     """After the levers in both samplers, so that widget values saved by workflows from before it stay aligned."""
-    return io.Float.Input("emotion_cfg", default=SAME_AS_CFG, min=SAME_AS_CFG, max=EMOTION_CFG_RANGE[1], step=0.1,
-                          round=0.01, optional=True,
+    # the schema's range, and below it the "not set" value (the schema's default, None, is no widget value)
+    return io.Float.Input("emotion_cfg", default=SAME_AS_CFG, min=SAME_AS_CFG, max=widget("emotion_cfg")["max"],
+                          step=0.1, round=0.01, optional=True,
                           tooltip="Guidance of the emotion prompt alone: above cfg the emotion shows more, below "
                                   "less, 0 leaves it out of the guidance (an Emotion Schedule's strengths multiply "
                                   "it per segment). -1: the same as cfg, the released guidance. Any other value "
@@ -120,14 +117,14 @@ def sampling_inputs() -> list[io.Input]:
                                                     "fps."),
         EmoCASTEmotion.Input("emotion", tooltip="From EmoCAST Emotion Encode or EmoCAST Emotion "
                                                 "Schedule."),
-        io.Int.Input("steps", default=0, min=0, max=int(LIMITS["steps"][1]),
+        io.Int.Input("steps", default=0, min=0, max=widget("steps")["max"],  # 0: the checkpoint's count
                      tooltip="Denoising steps per clip. 0: the count the checkpoint declares, else 40 as "
                              "the original (the released EmoCAST declares none: 40; the tiny test "
                              "models declare 4)."),
-        io.Float.Input("cfg", default=3.5, min=LIMITS["cfg"][0], max=LIMITS["cfg"][1], step=0.1,
+        io.Float.Input("cfg", **widget("cfg"), step=0.1,
                        round=0.01,
                        tooltip="Guidance scale (3.5 in the original); 1 disables the guidance effect."),
-        io.Int.Input("seed", default=42, min=int(LIMITS["seed"][0]), max=int(LIMITS["seed"][1]),
+        io.Int.Input("seed", **widget("seed"),
                      control_after_generate=True,
                      tooltip="Seed of the initial noise of every clip."),
         weight_input("pose_weight", "Strength of the audio on head pose (background-mask attention)."),
@@ -249,11 +246,12 @@ def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: 
     audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
     # 0 steps: the count EmoCAST Model Loader found declared in the checkpoint (kept in the model's options)
     steps = steps or model.model_options.get(STEPS_KEY) or SamplingConfig.steps
+    guidance = emotion_guidance(emotion_cfg)  # also here: a linked value is not seen by validate_inputs
     try:
-        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length, *levers)
+        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length, *levers,
+                                   guidance)
     except JobError as e:
         raise EmoCASTInputError(str(e)) from e
-    settings = replace(settings, emotion_cfg=emotion_guidance(emotion_cfg))  # validate_inputs misses linked values
     cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
     strength = emotion.per_frame_strength(emocast_audio.fps, emocast_audio.length)
 

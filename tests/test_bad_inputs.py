@@ -26,12 +26,24 @@ import torch
 from PIL import Image
 
 from emocast_lib import audio as audio_lib
-from emocast_lib import job, layout
+from emocast_lib import layout
+from emocast_lib import photo as photo_lib
 from emocast_lib.bench.tiny import NOT_A_MODEL, check_tiny_target, make_tiny_models
 from emocast_lib.checkpoint import CONFIG_KEY, NOTE_KEY, STEPS_KEY, read_metadata
 from emocast_lib.cli import EXAMPLES, main
 from emocast_lib.files import OutputError
-from emocast_lib.job import JobError, JobSpec, ModelSettings, Session, check_job, run_job
+from emocast_lib.jobs import (
+    CheckedJob,
+    JobError,
+    JobSpec,
+    ModelSettings,
+    Segment,
+    Session,
+    check_job,
+    default_checkpoint,
+    run_job,
+    sampling_config,
+)
 from emocast_lib.video import Mp4Writer
 from packimport import pack_module
 
@@ -170,6 +182,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     nan[100] = np.nan
     soundfile.write(at("nan_wav", "nan.wav"), nan, sr, subtype="FLOAT")
     soundfile.write(at("loud", "loud.wav"), speech(0.5)[0] * 1e4, sr, subtype="FLOAT")
+    soundfile.write(at("absurd", "absurd.wav"), speech(0.5)[0] * 1e20, sr, subtype="FLOAT")  # finite, not sound
     soundfile.write(at("clipped", "clipped.wav"), np.clip(speech(0.5)[0] * 50, -1, 1), sr)
     at("corrupt_wav", "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt " + bytes(200))
     soundfile.write(at("hour", "hour.wav"), np.zeros(3600 * 8000, np.float32), 8000, subtype="PCM_U8")
@@ -252,25 +265,27 @@ def test_square_only_when_asked(media, tiny_models, tmp_path, capsys, no_model_l
 
 @pytest.mark.parametrize("name", ["grey", "grey16", "rgba", "cmyk", "two_faces", "huge", "exif", "wide"])
 def test_photos_that_work(name, media, tiny_models, tmp_path, no_model_load, untouched):
-    assert check_job(JobSpec(media[name], SPEECH, tmp_path / "o.mp4"), tiny_models) == []
-    rgb = job.load_photo(media[name])
+    assert isinstance(check_job(JobSpec(media[name], SPEECH, tmp_path / "o.mp4"), tiny_models), CheckedJob)
+    rgb = photo_lib.load_photo(media[name])
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
 
 
 def test_photo_conversions(media):
     grey = np.asarray(Image.open(media["grey"]))
-    assert np.array_equal(job.load_photo(media["grey16"]), np.repeat(grey[..., None], 3, axis=2))  # not clipped white
-    assert np.array_equal(job.load_photo(media["rgba"]), np.asarray(Image.open(PORTRAIT).convert("RGB")))
+    grey16 = photo_lib.load_photo(media["grey16"])
+    assert np.array_equal(grey16, np.repeat(grey[..., None], 3, axis=2))  # not clipped white
+    assert np.array_equal(photo_lib.load_photo(media["rgba"]), np.asarray(Image.open(PORTRAIT).convert("RGB")))
     upright = np.asarray(Image.open(media["wide"]).convert("RGB"))
-    assert np.array_equal(job.load_photo(media["exif"]), upright)  # EXIF orientation applied
+    assert np.array_equal(photo_lib.load_photo(media["exif"]), upright)  # EXIF orientation applied
 
 
+@pytest.mark.slow
 def test_exif_rotated_and_two_faces_are_analysed_upright(session, media, short, tmp_path):
-    rotated = session.portrait(spec(short, tmp_path / "o.mp4", image=media["exif"]))
+    rotated = session.portrait(session.check(spec(short, tmp_path / "o.mp4", image=media["exif"])))
     w, h = Image.open(media["wide"]).size  # the exif photo viewed upright
     assert "cropped" in rotated.note and f"{w}x{h} photo" in rotated.note
-    assert session.portrait(spec(short, tmp_path / "o.mp4", image=media["wide"])).crop == rotated.crop
-    two = session.portrait(spec(short, tmp_path / "o.mp4", image=media["two_faces"]))
+    assert session.portrait(session.check(spec(short, tmp_path / "o.mp4", image=media["wide"]))).crop == rotated.crop
+    two = session.portrait(session.check(spec(short, tmp_path / "o.mp4", image=media["two_faces"])))
     assert "640x320 photo" in two.note and two.crop.side <= 320  # one of the two faces, cropped square
 
 
@@ -284,6 +299,7 @@ def test_exif_rotated_and_two_faces_are_analysed_upright(session, media, short, 
     ("corrupt_wav", "cannot decode audio file"),
     ("hour", "is 60.0 minutes; the limit is 10 minutes (600 s)"),
     ("silent_movie", "has no audio track (FFmpeg finds: video)"),
+    ("absurd", "times full scale (ordinary audio stays within 1); the file is damaged or wrongly scaled"),
 ])
 def test_bad_audio(name, message, media, tiny_models, tmp_path, capsys, no_model_load, untouched):
     sound = media.get(name, tmp_path / "missing.wav")
@@ -309,11 +325,12 @@ def test_an_hour_is_refused_before_it_is_decoded(media, monkeypatch):
 @pytest.mark.parametrize("name", ["short_wav", "silence", "8k", "stereo", "surround", "loud", "clipped", "flac",
                                   "m4a", "mp3", "opus", "movie"])
 def test_audio_that_works(name, media, tiny_models, tmp_path, no_model_load, untouched):
-    assert check_job(JobSpec(PORTRAIT, media[name], tmp_path / "o.mp4"), tiny_models) == []
+    assert isinstance(check_job(JobSpec(PORTRAIT, media[name], tmp_path / "o.mp4"), tiny_models), CheckedJob)
     wave, rate = audio_lib.load_audio_file(media[name])
     assert np.isfinite(wave).all() and rate in (8000, 16000, 44100, 48000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, rate, channels", [("8k", 8000, 1), ("surround", 48000, 6), ("short_wav", 16000, 1)])
 def test_output_sound_is_the_input_sound(name, rate, channels, session, media, tmp_path):
     out = run_job(session, spec(media[name], tmp_path / "o.mp4"))
@@ -330,6 +347,7 @@ def test_output_sound_is_the_input_sound(name, rate, channels, session, media, t
     ("   \t ", "is empty; describe the emotion"),
     (LONG_PROMPT, "tokens; CLIP takes at most 75: shorten it by"),
     ("calm\x07 and happy", "contains control characters (U+0007); remove them"),
+    (b"calm \xff happy".decode(errors="surrogateescape"), "is not valid text (it holds bytes that are not UTF-8"),
 ])
 def test_bad_prompt(text, message, tiny_models, tmp_path, capsys, no_model_load, untouched):
     err = cli_error(capsys, "--models", str(tiny_models), "--emotion", text, "--out", str(tmp_path / "o.mp4"))
@@ -340,9 +358,10 @@ def test_bad_prompt(text, message, tiny_models, tmp_path, capsys, no_model_load,
 
 @pytest.mark.parametrize("text", ["A joyful portrait 😀🎉 laughing", "صورة سعيدة جدا", "שמח מאוד"])
 def test_prompts_that_work(text, tiny_models, tmp_path, no_model_load, untouched):
-    assert check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", emotion=text), tiny_models) == []
+    assert isinstance(check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", emotion=text), tiny_models), CheckedJob)
 
 
+@pytest.mark.slow
 def test_truncate_prompt_drops_the_end(session, short, tmp_path):
     said = []
     run_job(session, spec(short, tmp_path / "o.mp4", emotion=LONG_PROMPT, truncate_prompt=True),
@@ -350,8 +369,9 @@ def test_truncate_prompt_drops_the_end(session, short, tmp_path):
     assert any("prompt cut to CLIP's 77 tokens; dropped: " in p.text for p in said)
 
 
+@pytest.mark.slow
 def test_schedule_works(session, short, tmp_path):
-    schedule = (job.Segment("A happy portrait.", 0.0, 0.1), job.Segment("A frightened portrait.", 0.2, 0.3))
+    schedule = (Segment("A happy portrait.", 0.0, 0.1), Segment("A frightened portrait.", 0.2, 0.3))
     out = run_job(session, spec(short, tmp_path / "o.mp4", schedule=schedule, crossfade=0.1))
     assert streams(out)[1] == 8
 
@@ -431,6 +451,7 @@ def test_damaged_model_file(which, sub, data, message, tiny_models, tmp_path, ca
     assert "error: --models: " in err and str(which.path(models)) in err and message in err
 
 
+@pytest.mark.slow
 def test_damage_only_found_by_loading_is_one_line_too(broken, tiny_models, tmp_path, capsys):
     """Files whose headers are fine but whose contents are not: NaN weights, a wav2vec2 weight of the wrong
     shape. They pass the cheap checks, so the load reports them, still as one line."""
@@ -495,7 +516,7 @@ def test_checkpoint_option_takes_a_converted_safetensors(tiny_models, tmp_path, 
     assert f"{converted} already exists; choose another name, or allow replacing it (--overwrite)" in \
         capsys.readouterr().err
     # the default checkpoint: net.pth, else the only .safetensors of models/emocast
-    assert job.default_checkpoint(tmp_path) == converted
+    assert default_checkpoint(tmp_path) == converted
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -536,9 +557,10 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_seed_above_2_63_works(tiny_models, tmp_path):
-    assert check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", seed=2**63 + 5), tiny_models) == []
+    assert isinstance(check_job(JobSpec(PORTRAIT, SPEECH, tmp_path / "o.mp4", seed=2**63 + 5), tiny_models),
+                      CheckedJob)
     with pytest.raises(JobError, match=r"cfg: nan is not a finite number"):  # the library's own entry point
-        job.sampling_config(4, float("nan"), 1, (1.0, 1.0, 1.0), 25, 16)
+        sampling_config(4, float("nan"), 1, (1.0, 1.0, 1.0), 25, 16)
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -572,6 +594,7 @@ def test_bad_output(case, message, tiny_models, tmp_path, capsys, no_model_load)
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_an_earlier_video(session, short, tmp_path):
     out = tmp_path / "o.mp4"
     out.write_bytes(b"an earlier video")
@@ -581,11 +604,13 @@ def test_overwrite_replaces_an_earlier_video(session, short, tmp_path):
     assert streams(out)[1] == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["o.mp4"]
 
 
+@pytest.mark.slow
 def test_paste_back_keeps_the_photo_framing(session, media, short, tmp_path):
     out = run_job(session, spec(short, tmp_path / "o.mp4", image=media["wide"], paste_back=True))
     assert streams(out)[0] == (448, 384)
 
 
+@pytest.mark.slow
 def test_cancelled_run_leaves_the_previous_file(session, short, tmp_path):
     from emocast_lib.sampling import GenerationCancelled
 
@@ -628,6 +653,7 @@ def test_node_input_errors(call, message):
 
 # --- interrupted runs -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_killed_run_leaves_no_half_file_and_the_next_run_matches_a_fresh_process(session, tiny_models, short,
                                                                                   tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -19,7 +19,7 @@ import soundfile
 
 from emocast_lib.batch import RAY_INSTALL, JobsFileError, check_outputs_distinct, read_jobs, read_record
 from emocast_lib.cli import EXAMPLES, main
-from emocast_lib.job import Segment
+from emocast_lib.jobs import Segment
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -218,6 +218,7 @@ def embedded(tiny_models: Path, inputs: Path) -> dict:
     return {"code": code, "jobs": jobs, "report": _report(jobs), "seconds": time.monotonic() - started}
 
 
+@pytest.mark.slow
 def test_embedded_batch_makes_the_good_videos_and_records_the_bad_line(embedded: dict):
     out = embedded["jobs"].parent / "out"
     assert embedded["code"] == 1  # a job failed
@@ -232,6 +233,7 @@ def test_embedded_batch_makes_the_good_videos_and_records_the_bad_line(embedded:
     assert embedded["report"]["summary"] == {**embedded["report"]["summary"], "done": 2, "invalid": 1, "failed": 0}
 
 
+@pytest.mark.slow
 def test_rerun_does_no_work(embedded: dict, tiny_models: Path, capsys):
     out = embedded["jobs"].parent / "out"
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()}
@@ -244,6 +246,7 @@ def test_rerun_does_no_work(embedded: dict, tiny_models: Path, capsys):
     assert [j["status"] for j in report["jobs"]] == ["skipped", "invalid", "skipped"]
 
 
+@pytest.mark.slow
 def test_killed_or_interrupted_batch_leaves_no_half_file_and_the_next_run_completes_the_rest(
         tiny_models: Path, inputs: Path, embedded: dict):
     folder = inputs.parent / "killed"
@@ -278,6 +281,8 @@ def test_killed_or_interrupted_batch_leaves_no_half_file_and_the_next_run_comple
         assert np.array_equal(_frames(out / name), _frames(reference / name))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_workers_make_the_same_videos_and_a_killed_worker_job_is_retried(tiny_models: Path, inputs: Path,
                                                                            embedded: dict):
     pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
@@ -313,6 +318,46 @@ def test_ray_workers_make_the_same_videos_and_a_killed_worker_job_is_retried(tin
         assert np.array_equal(_frames(out / name), _frames(reference / name)), name
 
 
+@pytest.mark.ray
+def test_workers_fit_the_nodes():
+    """Ray's node records -> workers that a node can hold; a request no node can satisfy is refused."""
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
+    from emocast_lib.ray_pool import RayStartError, fit
+
+    two_cpus = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 1e10}}, {"Alive": False, "Resources": {"CPU": 64}}]
+    plan = fit(two_cpus, "auto", None, None, jobs=5)
+    assert (plan.count, plan.resources, plan.threads) == (1, {"num_cpus": 2}, 2)  # 4 threads would never be placed
+    assert fit(two_cpus, "cpu", 2, 1, jobs=5).count == 2 and fit(two_cpus, "cpu", None, 1, jobs=1).count == 1
+    with pytest.raises(RayStartError, match="--threads 3: no Ray node has that many CPUs .the largest has 2.; use "
+                                            "--threads 2 or fewer"):
+        fit(two_cpus, "auto", None, 3, jobs=5)
+    gpus = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+            {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}]
+    assert (fit(gpus, "auto", None, None, 9).count, fit(gpus, "auto", None, None, 9).resources) == \
+        (3, {"num_gpus": 1, "num_cpus": 1})
+    assert fit(gpus, "cpu", None, None, 9).resources == {"num_cpus": 4}  # --device cpu: no GPU asked for
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_with_default_settings_runs_on_this_machine(tiny_models: Path, inputs: Path):
+    """`--ray` and nothing else completes on any machine (here 2 CPUs); a --threads no node has is one line."""
+    pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-ray.txt")
+    jobs = _jobs_file(inputs.parent / "ray_defaults")
+    cmd = [*loopback_only_prefix(), sys.executable, "-m", "emocast_lib", "batch", str(jobs), "--models",
+           str(tiny_models), "--ray"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert [j["status"] for j in _report(jobs)["jobs"]] == ["done", "invalid", "done"]
+    for name in ("a.mp4", "b.mp4"):  # 2 threads per worker here: the same video up to float rounding, not bitwise
+        assert len(_frames(jobs.parent / "out" / name)) == 18
+    proc = subprocess.run([*cmd, "--redo", "--threads", "4096"], cwd=ROOT, env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 2
+    assert re.fullmatch(r"error: --threads 4096: no Ray node has that many CPUs \(the largest has (\d+)\); use "
+                        r"--threads \1 or fewer", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+
+
 def test_ray_absent_says_how_to_install_it(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     jobs = _jobs_file(tmp_path, JOBS[:1])
@@ -320,6 +365,7 @@ def test_ray_absent_says_how_to_install_it(tmp_path: Path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {RAY_INSTALL}"
 
 
+@pytest.mark.slow
 def test_strict_runs_nothing_and_files_not_made_here_are_kept(tiny_models: Path, inputs: Path, tmp_path: Path,
                                                              capsys):
     foreign = _write(tmp_path / "out" / "a.mp4", "someone's video")

@@ -280,7 +280,7 @@ def test_levers_from_user_values_to_the_sampler():
     """The CLI options become JobSpec values, and job.sampling_config (CLI, batch and nodes) turns them
     into the SamplingConfig the sampler reads, or names each bad one before any work."""
     from emocast_lib.cli import build_parser
-    from emocast_lib.job import JobError, sampling_config
+    from emocast_lib.jobs import JobError, sampling_config
 
     args = build_parser().parse_args(["generate", "--scheduler", "uni_pc", "--cfg-end", "0.25",
                                       "--cache-interval", "3"])
