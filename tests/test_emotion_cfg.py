@@ -6,6 +6,7 @@ half is never computed and the sampler runs the released calls; otherwise one st
 independently computed halves (parity fixture inputs, tiny models)."""
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import replace
@@ -30,6 +31,7 @@ from emocast_lib.sampling import check_settings, make_scheduler
 from packimport import pack_module
 from reference_config import net_config
 
+ROOT = Path(__file__).resolve().parents[1]
 FRAMES, MOTION = 4, 2
 
 
@@ -298,3 +300,92 @@ def test_bad_strength_is_one_line_before_any_work(value, message):
     bad = Emotion(emotion.cond, emotion.uncond, torch.tensor([1.0, value, 1.0, 1.0]))
     with pytest.raises(ValueError, match=re.escape(message)):
         next(iter_clips(object(), None, portrait, audio, bad, _settings()))
+
+
+# ------------------------------------------------------------------------------------- CLI and batch
+
+def test_cli_and_batch_take_emotion_cfg_and_segment_strengths(tmp_path):
+    """`generate --emotion-cfg` and `--segment START:END:TEXT @STRENGTH`; the batch's emotion_cfg column,
+    `START-END s: text @STRENGTH` schedules (the Emotion Schedule node's preview) and "strength" entries."""
+    from emocast_lib.batch import read_jobs
+    from emocast_lib.cli import build_parser
+    from emocast_lib.jobs import Segment
+
+    args = build_parser().parse_args(["generate", "--emotion-cfg", "6", "--segment", "0:1:calm @0.7",
+                                      "--segment", "1:2:A terrified portrait. @1.6"])
+    assert args.emotion_cfg == 6.0
+    assert args.schedule == [Segment("calm", 0, 1, 0.7), Segment("A terrified portrait.", 1, 2, 1.6)]
+    assert build_parser().parse_args(["generate"]).emotion_cfg is None  # unset: the same as cfg
+    base = {"image": "a.png", "audio": "a.wav", "out": "a.mp4"}
+    rows = [{**base, "emotion": '0-1 s: "calm" @0.7 | 1-2 s: terrified @1.6', "emotion_cfg": 6},
+            {**base, "emotion": [{"text": "calm", "start": 0, "end": 1, "strength": 0.7},
+                                 {"text": "terrified", "start": 1, "end": 2}]},
+            {**base, "emotion": "0-1 s: calm @9"}, {**base, "emotion": "calm", "emotion_cfg": -2}]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scheduled, entries, bad_strength, bad_cfg = read_jobs(jobs)
+    assert scheduled.values["schedule"] == (Segment("calm", 0, 1, 0.7), Segment("terrified", 1, 2, 1.6))
+    assert scheduled.values["emotion_cfg"] == 6
+    assert entries.values["schedule"] == (Segment("calm", 0, 1, 0.7), Segment("terrified", 1, 2))
+    assert bad_strength.error.startswith("emotion: schedule part 1 '0-1 s: calm @9': strength: 9 is above 4")
+    assert bad_cfg.error == "emotion_cfg: -2 is out of range; use a value from 0.0 to 20.0"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--emotion-cfg", "nan"], "error: --emotion-cfg: nan is not a finite number"),
+    (["--emotion-cfg", "-0.5"], "error: --emotion-cfg: -0.5 is out of range"),
+    (["--segment", "0:1:calm @-1"], "strength: -1 is negative")])
+def test_cli_bad_values_are_one_line_before_any_model_loads(args, message, tiny_models, tmp_path, capsys,
+                                                            monkeypatch):
+    from emocast_lib.cli import main
+    from emocast_lib.jobs import Session
+
+    monkeypatch.setattr(Session, "_load", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["generate", "--models", str(tiny_models), *args, "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.slow
+def test_a_cli_job_guides_each_frame_by_its_segment_strength(tiny_models, tmp_path, monkeypatch):
+    """generate with --emotion-cfg and strengths: the sampler gets emotion_cfg and per-frame strengths
+    that follow the prompts' crossfade, and runs the neutral half; the batch record names both."""
+    import soundfile
+
+    from emocast_lib.batch import settings_record
+    from emocast_lib.cli import build_parser, main
+    from emocast_lib.jobs import JobSpec, ModelSettings, check_job, run
+
+    wave, rate = soundfile.read(ROOT / "example_workflows" / "inputs" / "emocast_speech.wav", dtype="float32")
+    speech = tmp_path / "speech.wav"
+    soundfile.write(speech, wave[: int(0.6 * rate)], rate)
+    seen = {}
+    real = run.iter_clips
+
+    def spy(net, vae, portrait, audio, emotion, settings, **kw):
+        seen.update(emotion=emotion, settings=settings, rows=[])
+        hook = net.denoising_unet.register_forward_hook(lambda m, a, o: seen["rows"].append(a[0].shape[0]))
+        try:
+            yield from real(net, vae, portrait, audio, emotion, settings, **kw)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(run, "iter_clips", spy)
+    args = ["--segment", "0:0.2:A calm portrait.", "--segment", "0.3:0.6:A terrified portrait. @1.6"]
+    assert main(["generate", "--models", str(tiny_models), "--audio", str(speech), "--steps", "2", "--emotion-cfg",
+                 "5", "--crossfade", "0.2", *args, "--out", str(tmp_path / "o.mp4")]) == 0
+    assert (tmp_path / "o.mp4").is_file() and seen["settings"].emotion_cfg == 5.0
+    assert seen["rows"] == [2, 1, 2, 1]
+    emotion = seen["emotion"]
+    calm, scared = emotion.cond[0], emotion.cond[-1]
+    mix = ((emotion.cond - calm) * (scared - calm)).sum((1, 2)) / (scared - calm).pow(2).sum()  # weight of "scared"
+    assert mix.min() == 0 and mix.max() == 1 and ((mix > 0) & (mix < 1)).any()  # the crossfade is in the video
+    torch.testing.assert_close(emotion.strength, 1 + 0.6 * mix, rtol=0, atol=1e-5)
+    spec = JobSpec(ROOT / "example_workflows" / "inputs" / "emocast_portrait.png", speech, tmp_path / "p.mp4",
+                   emotion_cfg=5.0, schedule=tuple(build_parser().parse_args(["generate", *args]).schedule))
+    record = settings_record(check_job(spec, tiny_models), ModelSettings(models=tiny_models), {})
+    assert record["emotion_cfg"] == 5.0 and [s.get("strength", 1.0) for s in record["schedule"]] == [1.0, 1.6]
+    released = settings_record(check_job(JobSpec(spec.image, speech, spec.out), tiny_models),
+                               ModelSettings(models=tiny_models), {})
+    assert "emotion_cfg" not in released  # unset: as in records made before it existed
