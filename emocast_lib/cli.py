@@ -21,7 +21,6 @@ from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
 from . import batch as batch_lib
-from .bench.tiny import TinyModelsError, make_tiny_models
 from .checkpoint import CheckpointError, checkpoint_config, convert_file, net_shapes, read_metadata
 from .emotion import split_strength
 from .jobs import JobError, JobSpec, ModelSettings, Progress, Segment, Session, check_job, check_models, run_job
@@ -244,6 +243,9 @@ class _ProgressPrinter:
 
 
 def make_tiny(args: argparse.Namespace) -> int:
+    # Developer tooling, in a git clone only (not in the registry archive): the rest of the CLI runs without it.
+    from .bench.tiny import TinyModelsError, make_tiny_models
+
     try:
         for path in make_tiny_models(args.dir, force=args.force):
             print(f"wrote {path}")

@@ -22,7 +22,7 @@ from PIL import Image
 
 __all__ = [
     "FACE_OVAL_IDS", "LIP_IDS", "FaceMasks", "expand_box", "rect_mask", "soft_mask", "compute_masks",
-    "mask_sizes", "resize_u8", "reference_image", "landmarks_to_pixels", "LandmarkDetector",
+    "mask_sizes", "resize_u8", "reference_image", "landmarks_to_pixels", "landmarks_from_core", "LandmarkDetector",
     "Identity", "load_face_analysis", "face_identity", "PortraitCrop", "crop_portrait", "feather_mask",
     "paste_back",
 ]
@@ -151,6 +151,25 @@ def landmarks_to_pixels(normalized: np.ndarray, height: int, width: int) -> np.n
     """MediaPipe normalised (N, >=2) -> (N, 2) float64 pixels: x = nx * W, y = ny * H."""
     n = np.asarray(normalized, np.float64)
     return np.stack([n[:, 0] * width, n[:, 1] * height], axis=1)
+
+
+def landmarks_from_core(payload: dict, height: int, width: int) -> np.ndarray:
+    """ComfyUI core's FACE_LANDMARKS (its MediaPipe face landmarker port: {"frames": [[face, ...], ...],
+    "image_size": (H, W), ...}, each face's "landmarks_xy" (478, 2) in image pixels, faces in detection order)
+    -> the first frame's first face as (478, 2) float64 pixels, what LandmarkDetector gives for an H x W image."""
+    size = tuple(int(v) for v in payload.get("image_size", ()))
+    if size != (height, width):
+        found = f"a {size[1]}x{size[0]}" if len(size) == 2 else "an unknown"
+        raise ValueError(f"the landmarks are of {found} image, the portrait is {width}x{height}: detect them on "
+                         "the same image that goes into this node")
+    frames = payload.get("frames") or [[]]
+    if not frames[0]:
+        raise ValueError("they hold no face (the landmark detector found none): use a clearer frontal portrait "
+                         "or leave the input unconnected")
+    points = np.asarray(frames[0][0]["landmarks_xy"], np.float64)
+    if points.shape != (478, 2):
+        raise ValueError(f"expected 478 (x, y) landmarks per face, got shape {points.shape}")
+    return points
 
 
 class LandmarkDetector:

@@ -18,6 +18,11 @@ from .convert import frames_to_image, mask_from_u8, single_image, to_uint8
 from .sockets import EmoCASTCropInfo, EmoCASTFace
 from .types import EmoCASTInputError, FaceInfo
 
+try:  # core's face landmarks (ComfyUI 0.33.0 and newer); on an older ComfyUI Face Analysis has no such input
+    from comfy_extras.nodes_mediapipe import FaceLandmarksType
+except ImportError:
+    FaceLandmarksType = None
+
 # Masks for the previews only: their shapes do not depend on this size (the sampler makes the
 # network's masks at its own size), so the smallest allowed one keeps the node fast.
 PREVIEW_MASK_SIZE = 64
@@ -65,6 +70,25 @@ def detect_landmarks(folder: Path, rgb: np.ndarray) -> np.ndarray:
             raise EmoCASTInputError(f"image: {e}") from e
 
 
+def portrait_landmarks(folder: Path, rgb: np.ndarray, face_landmarks: dict | None) -> np.ndarray:
+    """Core's landmarks where connected (MediaPipe is then not run), else MediaPipe's."""
+    if face_landmarks is None:
+        return detect_landmarks(folder, rgb)
+    try:
+        return face_lib.landmarks_from_core(face_landmarks, *rgb.shape[:2])
+    except ValueError as e:
+        raise EmoCASTInputError(f"face_landmarks: {e}") from e
+
+
+def core_landmarks_input() -> list[io.Input]:
+    if FaceLandmarksType is None:
+        return []
+    return [FaceLandmarksType.Input("face_landmarks", optional=True,
+                                    tooltip="Optional: landmarks from core Detect Face Landmarks (MediaPipe) run "
+                                            "on this same image; its first face is used instead of running "
+                                            "MediaPipe here. Unconnected: MediaPipe runs here.")]
+
+
 class FaceAnalysis(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -87,6 +111,7 @@ class FaceAnalysis(io.ComfyNode):
                                  label_off="none (zero embedding)",
                                  tooltip="Identity embedding from face recognition; 'none' uses the zero "
                                          "embedding the original code falls back to when it finds no face."),
+                *core_landmarks_input(),
             ],
             outputs=[
                 EmoCASTFace.Output("face", display_name="face",
@@ -107,11 +132,12 @@ class FaceAnalysis(io.ComfyNode):
         return validate_face_models(face_models)
 
     @classmethod
-    def execute(cls, image: torch.Tensor, face_models: str, expand_ratio: float, identity: bool) -> io.NodeOutput:
+    def execute(cls, image: torch.Tensor, face_models: str, expand_ratio: float, identity: bool,
+                face_landmarks: dict | None = None) -> io.NodeOutput:
         portrait = single_image(image, "image")
         rgb = to_uint8(portrait)
         folder = face_folder(face_models)
-        landmarks = detect_landmarks(folder, rgb)
+        landmarks = portrait_landmarks(folder, rgb, face_landmarks)
         embedding, note = None, "identity off: zero embedding"  # the sampler sizes the zeros to its model
         if identity:
             try:

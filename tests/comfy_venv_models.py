@@ -20,6 +20,7 @@ import torch
 comfy_executor, models, inputs = comfy_venv_nodes.comfy_executor, comfy_venv_nodes.models, comfy_venv_nodes.inputs
 
 import comfy.model_management as mm
+import comfy.model_patcher
 from comfy.audio_encoders.wav2vec2 import Wav2Vec2Model as CoreWav2Vec2Model
 from comfy.cli_args import args
 from comfy_audio_encoder import core_audio_encoder
@@ -172,3 +173,35 @@ def test_network_in_half_precision_runs_through_the_nodes(inputs, precision: str
     mm.unload_all_models()
     assert frames.dtype == torch.float32 and frames.shape == full.shape
     assert (frames - full).abs().max() <= bound  # frames in [0, 1]; measured: bf16 0.061, fp16 0.014
+
+
+@pytest.mark.skipif(not hasattr(comfy.model_patcher, "ModelPatcherDynamic"),
+                    reason="this ComfyUI has no Dynamic VRAM patcher (ComfyUI 0.33.0 and newer have one)")
+def test_model_loader_follows_the_dynamic_vram_set_up_of_main_py(inputs, monkeypatch):
+    """What main.py does when it enables Dynamic VRAM (an NVIDIA GPU: not here): CoreModelPatcher becomes
+    ModelPatcherDynamic and comfy.ops layers are built empty, to take the loaded tensors as they are (core's
+    loaders then load with assign=True). ModelPatcherDynamic itself cannot be built without a GPU (comfy-aimdo),
+    so a ModelPatcher subclass stands in for it, named as such. The Model Loader builds its patcher from
+    whatever CoreModelPatcher is then, never a legacy clone, and the network it loads under the empty-layer
+    ops is the same network: the same frames."""
+    import comfy.memory_management
+
+    class DynamicStandIn(comfy.model_patcher.ModelPatcher):
+        """Stands in for ModelPatcherDynamic (which needs a GPU); refuses what the dynamic patcher refuses."""
+
+        def clone(self, disable_dynamic=False, *args, **kwargs):
+            assert not disable_dynamic, "a legacy (disable_dynamic) clone of the pack's model"
+            return super().clone(*args, **kwargs)
+
+    with monkeypatch.context() as dynamic:
+        dynamic.setattr(comfy.model_patcher, "CoreModelPatcher", DynamicStandIn)
+        dynamic.setattr(comfy.memory_management, "aimdo_enabled", True)
+        model = nodes_loaders.ModelLoader.execute("net.pth", "fp32")[0]
+    assert type(model) is DynamicStandIn and type(model.clone()) is DynamicStandIn
+    layers = [m for m in model.model.modules() if hasattr(m, "comfy_cast_weights")]
+    assert layers and all(m.weight is not None and m.weight.device == mm.unet_offload_device() for m in layers
+                          if hasattr(m, "weight"))
+    mm.unload_all_models()
+    legacy = nodes_sampler.Sampler.execute(**inputs)[0]
+    assert torch.equal(nodes_sampler.Sampler.execute(**{**inputs, "model": model})[0], legacy)
+    mm.unload_all_models()

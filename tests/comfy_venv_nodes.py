@@ -284,40 +284,6 @@ if __name__ == "__main__":  # a fresh process: load everything and sample once
     torch.save(frames.clone(), sys.argv[2])
 
 
-def _saved(result, folder: Path) -> Path:
-    saved = result.ui.as_dict()["images"][0]
-    return folder / saved.subfolder / saved.filename
-
-
-def test_sampler_to_video_streams_an_mp4_with_the_speech_and_the_workflow(inputs, tmp_path, monkeypatch):
-    """The executor hands an output node the prompt and the UI workflow (extra_pnginfo); the mp4 carries
-    them as core Save Video's does, so dropping it onto ComfyUI loads the workflow."""
-    from fractions import Fraction
-
-    import av
-    from comfy_api.latest import InputImpl, Types, io
-    from comfy_extras.nodes_video import SaveVideo
-
-    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
-    hidden = {io.Hidden.prompt: {"3": {"class_type": "EmoCASTSamplerToVideo", "inputs": {"steps": STEPS}}},
-              io.Hidden.extra_pnginfo: {"workflow": {"nodes": [{"id": 3, "type": "EmoCASTSamplerToVideo"}]}}}
-    ours = _saved(nodes_sampler.SamplerToVideo.PREPARE_CLASS_CLONE(hidden).execute(
-        **inputs, filename_prefix="emo/stream"), tmp_path)
-    with av.open(str(ours)) as container:
-        assert sum(1 for _ in container.decode(video=0)) == math.ceil(SECONDS * 25)
-        assert container.streams.audio, "the mp4 carries the speech"
-        tags = dict(container.metadata)
-    assert not list(tmp_path.rglob("*.part"))
-
-    video = InputImpl.VideoFromComponents(Types.VideoComponents(images=torch.rand(2, 16, 16, 3),
-                                                                frame_rate=Fraction(25)))
-    core = _saved(SaveVideo.PREPARE_CLASS_CLONE(hidden).execute(video, "core/video", "auto", "auto"), tmp_path)
-    with av.open(str(core)) as container:
-        core_tags = dict(container.metadata)
-    assert {k: tags[k] for k in ("prompt", "workflow")} == {k: core_tags[k] for k in ("prompt", "workflow")}
-    assert json.loads(tags["workflow"]) == hidden[io.Hidden.extra_pnginfo]["workflow"]
-
-
 def test_example_inputs_are_put_into_the_input_folder_without_overwriting(tmp_path, monkeypatch):
     shipped = sorted(f.name for f in INPUTS.iterdir())
     assert sorted(os.listdir(INPUT_DIR)) == shipped, "importing the pack copies the templates' inputs"
@@ -337,7 +303,6 @@ def _stand_in_separator(folder: Path) -> None:
     graph on the MDX spectrogram input, under the real file name, with audio-separator's three JSON files
     listing it and registering its md5 with Kim_Vocal_2's MDX parameters, so nothing is downloaded."""
     import hashlib
-    import json
 
     import onnx
     from onnx import TensorProto, helper

@@ -1,5 +1,12 @@
 """Shared test set-up: one CPU thread (reproducible and fastest here) and the fixture sets.
 
+The floors of the suite (markers registered in pyproject.toml):
+    python3 -m pytest tests -m "not slow" -q    # the inner loop, about 2 minutes on 2 cores
+    python3 -m pytest tests -m comfy -q         # in or against a real ComfyUI (COMFY_DIR, COMFY_VENV)
+    python3 -m pytest tests -m ray -q           # a local Ray runtime
+    python3 -m pytest tests -q                  # everything (what `bash .ci/run` runs)
+A test that takes more than a few seconds is marked `@pytest.mark.slow` (`--durations=30` finds them).
+
 The fixture sets default to the trimmed copies in tests/fixtures (their README says what was trimmed);
 EMOCAST_PARITY_FIXTURES / EMOCAST_PREPROCESS_FIXTURES select any other set of the same form, e.g. the full
 ones: EMOCAST_PARITY_FIXTURES=../shared/fixtures/parity/tiny EMOCAST_PREPROCESS_FIXTURES=../shared/fixtures/preprocess

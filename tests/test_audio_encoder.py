@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from emocast_lib import audio
 
 
+@pytest.mark.slow
 def test_single_file_in_the_public_layout_loads_as_wav2vec2_base(tmp_path: Path):
     """Fill-rule weights (NOT a real model) saved as facebook/wav2vec2-base-960h's model.safetensors is laid out:
     `wav2vec2.` prefix, weight_g/weight_v, lm_head, fp16 here."""

@@ -307,6 +307,7 @@ def test_load_net_with_config(parity_dir, tiny_path, tiny_sd):
     assert all(loaded[k].dtype == torch.float16 and torch.equal(loaded[k], tiny_sd[k].half()) for k in loaded)
 
 
+@pytest.mark.slow
 def test_load_net_takes_the_architecture_the_file_declares(tmp_path, tiny_path, caplog):
     sd = filled_net(TINY_PACK_NET).state_dict()
     path = save_pth({"state_dict": sd, CONFIG_KEY: TINY_PACK_NET.to_json(), NOTE_KEY: "not a real model"},

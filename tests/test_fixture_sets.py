@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import FIXTURES, PARITY_VAR, PREPROCESS_VAR, ROOT
 
 FIXTURE_TESTS = ["test_parity_network.py", "test_parity_text_encoder.py", "test_checkpoint.py",
@@ -76,6 +78,7 @@ def vary_preprocess(root: Path, out: Path) -> Path:
     return varied
 
 
+@pytest.mark.slow
 def test_tests_pass_on_a_varied_copy(parity_dir: Path, preprocess_dir: Path, tmp_path: Path):
     parity = vary_parity(parity_dir, tmp_path / "parity")
     preprocess = vary_preprocess(preprocess_dir, tmp_path)

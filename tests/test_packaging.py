@@ -1,7 +1,9 @@
 """Packaging: pyproject.toml (what the Comfy registry installs) agrees with requirements.txt (what
-ComfyUI-Manager installs), carries the registry metadata, and the registry archive is lean."""
+ComfyUI-Manager installs), carries the registry metadata, and the registry archive is lean: no developer
+tooling in it, and no product code that needs the tooling."""
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
@@ -12,6 +14,10 @@ import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
+# Developer tooling: in the git repository, not in the registry archive.
+DEV_TOOLING = ("tests/", ".ci/", ".github/", "emocast_lib/bench/", "requirements-dev.txt")
+# The one product module that may import the tooling, inside a function: `make-tiny-models` of the command line.
+LAZY_TOOLING_IMPORTS = {"emocast_lib/cli.py"}
 
 
 def _pyproject() -> dict:
@@ -80,8 +86,57 @@ def test_registry_archive_leaves_out_tests_and_dev_files():
     assert "includes" not in _pyproject()["tool"]["comfy"]
     tracked = set(_git("ls-files"))
     archive = tracked - set(_git("ls-files", "--cached", "--ignored", "--exclude-from=.comfyignore"))
-    assert not [f for f in archive if f.startswith(("tests/", ".ci/", ".github/")) or f == "requirements-dev.txt"]
+    assert not [f for f in archive if f.startswith(DEV_TOOLING)]
+    assert {f for f in tracked if f.startswith("emocast_lib/bench/")}, "the tooling moved: update DEV_TOOLING"
     assert {"__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE"} <= archive
-    assert {f for f in tracked if f.startswith(("nodes/", "emocast_lib/", "web/", "example_workflows/"))} <= archive
+    product = {f for f in tracked if f.startswith(("nodes/", "emocast_lib/", "web/", "example_workflows/"))}
+    assert {f for f in product if not f.startswith(DEV_TOOLING)} <= archive
     size = sum((ROOT / f).stat().st_size for f in archive if (ROOT / f).is_file())
     assert size < 5e6, f"the registry archive holds {size / 1e6:.1f} MB of files"  # the pack is ~2 MB
+
+
+def _imported_modules(path: Path, package: str) -> list[tuple[str, bool]]:
+    """(absolute module name, inside a function) of every import of the module at `path`, in `package`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for n in ast.walk(f)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in in_function) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1]) if node.level else ""
+            module = ".".join(filter(None, [base, node.module]))
+            found += [(f"{module}.{alias.name}", id(node) in in_function) for alias in node.names]
+    return found
+
+
+def _package(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).parts[:-1]) or "emocast"  # the pack root is a package too
+
+
+def test_product_code_does_not_need_the_tooling():
+    """The nodes and the library outside emocast_lib/bench/ load and run from the registry archive, which has
+    no emocast_lib.bench: none imports it, except the command line's `make-tiny-models` inside its function."""
+    product = [p for p in [ROOT / "__init__.py", ROOT / "install.py", *(ROOT / "nodes").rglob("*.py"),
+                           *(ROOT / "emocast_lib").rglob("*.py")]
+               if p.is_file() and not p.relative_to(ROOT).as_posix().startswith(DEV_TOOLING)]
+    assert len(product) > 20
+    bad = [f"{p.relative_to(ROOT).as_posix()} imports {module}" + (" in a function" if lazy else "")
+           for p in product for module, lazy in _imported_modules(p, _package(p))
+           if ".emocast_lib.bench." in f".{module}."  # also `.emocast_lib.bench` from the pack root
+           and not (lazy and p.relative_to(ROOT).as_posix() in LAZY_TOOLING_IMPORTS)]
+    assert not bad, bad
+
+
+def test_the_import_check_sees_relative_and_lazy_imports(tmp_path):
+    """The check above resolves `from .bench import x`, `from . import bench` and `import emocast_lib.bench`, and
+    tells an import inside a function from one at module level."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from ..bench.tiny import make_tiny_models\nfrom .. import bench\nimport emocast_lib.bench.fill\n"
+                     "from .schema import JobSpec\ndef f():\n    from ..bench import measure\n")
+    assert _imported_modules(probe, "emocast_lib.jobs") == [
+        ("emocast_lib.bench.tiny.make_tiny_models", False), ("emocast_lib.bench", False),
+        ("emocast_lib.bench.fill", False), ("emocast_lib.jobs.schema.JobSpec", False),
+        ("emocast_lib.bench.measure", True)]

@@ -136,6 +136,7 @@ def test_stand_in_device_rejects_mixed_devices():
             torch.cat([weight, torch.zeros(1, 3)])
 
 
+@pytest.mark.slow
 def test_pipeline_on_a_stand_in_device():
     """The network on the stand-in device (the VAE stays on the CPU, as the adapters allow), with an emotion
     per frame: every tensor the pipeline, the sampler and the network create meets the weights on their
