@@ -85,7 +85,7 @@ def emotion_cfg_input() -> io.Input:
                           tooltip="Guidance of the emotion prompt alone: above cfg the emotion shows more, below "
                                   "less, 0 leaves it out of the guidance (an Emotion Schedule's strengths multiply "
                                   "it per segment). -1: the same as cfg, the released guidance. Any other value "
-                                  "runs a third half-batch on every guided step (about 1.5x the denoising time).")
+                                  "runs a third half-batch on every guided step (1.5-1.7x the denoising time).")
 
 
 def emotion_guidance(emotion_cfg: float) -> float | None:

@@ -389,3 +389,23 @@ def test_a_cli_job_guides_each_frame_by_its_segment_strength(tiny_models, tmp_pa
     released = settings_record(check_job(JobSpec(spec.image, speech, spec.out), tiny_models),
                                ModelSettings(models=tiny_models), {})
     assert "emotion_cfg" not in released  # unset: as in records made before it existed
+
+
+@pytest.mark.slow
+def test_bench_measures_the_neutral_half():
+    """`python -m emocast_lib.bench --emotion-cfg`: checked before any work, handed to the sampler, labelled;
+    each guided step's calls are the released one then the neutral half's (half the frames)."""
+    from emocast_lib.bench import measure as bench
+    from emocast_lib.bench.configs import resolve
+    from emocast_lib.bench.report import table
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--emotion-cfg", "nan"])
+    args = bench.parse_args(["--config", "tiny", "--runs", "1", "--steps", "2", "--emotion-cfg", "6"])
+    bc = resolve("tiny", args)
+    assert (bc.emotion_cfg, bc.levers(), bc.sampling().emotion_cfg) == (6.0, "emotion_cfg 6.0", 6.0)
+    assert resolve("tiny", bench.parse_args(["--config", "tiny"])).sampling().emotion_cfg is None
+    result = bench.measure_config(bc, 1, 1, bench.options(args))
+    (clip,) = result["runs"][0]
+    assert result["config"]["emotion_cfg"] == 6.0 and len(clip["steps"]) == 4
+    assert "[emotion_cfg 6.0]" in table([result | {"summary": bench.summarize(result)}])
