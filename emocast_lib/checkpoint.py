@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .config import NetConfig
+from .config import STORAGE_FORMATS, NetConfig
 from .files import OutputError, atomic_path, output_problem
 from .models import EmoCASTNet
-from .models.ops import TorchOps
+from .models.ops import CastOps, TorchOps, large_weights
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 # A checkpoint may say what it is: string entries beside its tensors (safetensors metadata, or keys next to
@@ -29,6 +30,10 @@ CONFIG_KEY = "emocast_config"  # NetConfig.to_json() of a network of other sizes
 NOTE_KEY = "emocast_note"  # a warning logged on every load (the tiny test models are not EmoCAST)
 STEPS_KEY = "emocast_steps"  # the denoising step count the model is meant to run with, when not 40
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# `convert` also writes the linear/conv weights in an fp8 storage format (halving the file against fp16); the
+# other tensors (2.8 M values at the released widths) then stay fp32.
+CONVERT_DTYPES = (*DTYPES, *STORAGE_FORMATS)
+WEIGHT_DTYPES = ("default", *STORAGE_FORMATS)  # how load_net stores the large layers' weights
 SHOWN = 5  # keys listed per category in a report; the counts tell the rest
 GET_NET = "use EmoCAST's released net.pth, or a .safetensors made from it by `python -m emocast_lib convert`"
 
@@ -172,13 +177,14 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, Sequ
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str,
                  expected: Mapping[str, Sequence[int]] | None = None, overwrite: bool = False) -> None:
-    """Write `src` as a `.safetensors` with floating tensors cast to `dtype` ("fp16", "bf16" or "fp32").
+    """Write `src` as a `.safetensors` with floating tensors cast to `dtype` (one of CONVERT_DTYPES: for an fp8
+    format, the linear/conv weights of the architecture the file declares in it and the rest fp32).
 
     An existing `dst` is refused unless `overwrite`. The output appears only once complete (temp file +
     rename), so a failed run never leaves a partial file that a model list would offer."""
     src, dst = Path(src), Path(dst)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype not in CONVERT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(CONVERT_DTYPES)}, not {dtype!r}")
     if dst.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{dst}: the output must be a .safetensors file")
     if dst.resolve() == src.resolve() or (dst.exists() and src.exists() and dst.samefile(src)):
@@ -188,13 +194,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str,
     sd, metadata = read_state_dict(src)
     if expected is not None:
         check_state_dict(sd, expected, str(src))
-    out = {}
-    for key, t in sd.items():
-        cast = t.to(DTYPES[dtype]).contiguous() if t.is_floating_point() else t.contiguous()
-        if dtype == "fp16" and cast.is_floating_point() and cast.isinf().any() and not t.isinf().any():
-            raise CheckpointError(f"{src}: {key} has values beyond the {dtype} range; choose bf16 "
-                                  "or fp32 instead")
-        out[key] = cast
+    out = _converted(src, sd, metadata, dtype)
     try:
         with atomic_path(dst, overwrite) as tmp:
             save_file(out, tmp, metadata={**metadata, "format": "pt", "dtype": dtype, "source": src.name})
@@ -205,23 +205,79 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, dtype: str,
                               "permissions") from e
 
 
+def _converted(src: Path, sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+               dtype: str) -> dict[str, torch.Tensor]:
+    """`sd` with floating tensors in `dtype`; refused where a value falls outside its range."""
+    stored = STORAGE_FORMATS.get(dtype)
+    large = large_weights(EmoCASTNet(checkpoint_config(src, metadata), device="meta")) if stored else set()
+    out = {}
+    for key, t in sd.items():
+        target = stored if key in large else DTYPES.get(dtype, torch.float32)
+        if t.is_floating_point():
+            check_range(t, target, f"{src}: {key}")
+        out[key] = t.to(target).contiguous() if t.is_floating_point() else t.contiguous()
+    return out
+
+
+def check_range(t: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Raise CheckpointError when a finite value of `t` lies beyond `dtype`'s range (casting would turn it into
+    infinity, or clip it to the largest fp8_e4m3fn value, without a word), naming the formats that hold it."""
+    limit = torch.finfo(dtype).max
+    if t.is_meta:  # shapes only (the bench's memory counts): no values to check
+        return
+    if torch.finfo(t.dtype).max <= limit or not bool((t.abs() > limit).logical_and(t.isfinite()).any()):
+        return
+    formats = {**DTYPES, **STORAGE_FORMATS}
+    name = next((n for n, d in formats.items() if d == dtype), str(dtype))
+    wider = [n for n, d in formats.items() if torch.finfo(d).max > limit]
+    raise CheckpointError(f"{what} has values beyond the {name} range (+-{limit:g}); choose {' or '.join(wider)} "
+                          "instead")
+
+
 def net_shapes(config: NetConfig) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the network of `config`, from the model code on the meta device (no memory used)."""
     return {k: tuple(v.shape) for k, v in EmoCASTNet(config, device="meta").state_dict().items()}
 
 
 def load_net(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             config: NetConfig | None = None, operations: type | None = None) -> EmoCASTNet:
+             config: NetConfig | None = None, operations: type | None = None,
+             weight_dtype: str = "default") -> EmoCASTNet:
     """The network with the weights of `path`, strictly checked, floating tensors in `dtype` on `device`.
 
     The architecture is `config`, else the one the file declares (CONFIG_KEY), else the released one.
-    `operations` is the layer namespace (models/ops.py; default plain torch), e.g. ComfyUI's casting ops."""
+    `weight_dtype` (WEIGHT_DTYPES): "default", or a storage format for the linear/conv weights, which are then
+    cast to `dtype` in every call. `operations` is the layer namespace (models/ops.py; default plain torch, or
+    its casting layers for a storage format), e.g. ComfyUI's casting ops."""
+    stored = _storage_format(weight_dtype)
+    if stored and operations is TorchOps:
+        raise ValueError("weights stored in fp8 need casting layers (models.ops.CastOps, or ComfyUI's)")
     sd, metadata = read_state_dict(path)
     config = config or checkpoint_config(path, metadata)
     check_state_dict(sd, net_shapes(config), str(path))
-    net = EmoCASTNet(config, device="meta", operations=operations or TorchOps)
+    net = EmoCASTNet(config, device="meta", operations=operations or (CastOps if stored else TorchOps))
     if metadata.get(NOTE_KEY):
         logging.getLogger("emocast").warning("%s: %s", path, metadata[NOTE_KEY])
-    net.load_state_dict({k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()},
-                        assign=True)
+    return assign_weights(net, sd, dtype, device, weight_dtype, str(path))
+
+
+def _storage_format(weight_dtype: str) -> torch.dtype | None:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, not {weight_dtype!r}")
+    return STORAGE_FORMATS.get(weight_dtype)
+
+
+def assign_weights(net: nn.Module, sd: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                   device: torch.device | str, weight_dtype: str = "default", source: str = "weights") -> nn.Module:
+    """`net` (a network or a part of one, built on the meta device) holding `sd`: floating tensors in `dtype` on
+    `device`, the linear/conv weights in the storage format `weight_dtype` instead when it is not "default"
+    (checked against its range). The tensors are converted one at a time, so `sd` may be a lazy mapping."""
+    stored = _storage_format(weight_dtype)
+    large = large_weights(net) if stored else set()
+    out = {}
+    for key, t in sd.items():
+        if key in large:
+            check_range(t, stored, f"{source}: {key} (weight_dtype {weight_dtype})")
+        target = stored if key in large else dtype if t.is_floating_point() else t.dtype
+        out[key] = t.to(device, target)
+    net.load_state_dict(out, assign=True)
     return net.eval()

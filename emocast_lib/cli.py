@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from tqdm import tqdm
 
 from . import batch as batch_lib
-from .checkpoint import CheckpointError, checkpoint_config, convert_file, net_shapes, read_metadata
+from .checkpoint import CONVERT_DTYPES, CheckpointError, checkpoint_config, convert_file, net_shapes, read_metadata
 from .emotion import split_strength
 from .jobs import JobError, JobSpec, ModelSettings, Progress, Segment, Session, check_job, check_models, run_job
 from .jobs.checks import Inputs
@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "without running any code from it.")
     c.add_argument("src", type=Path, help="net.pth / .pt / .ckpt / .bin / .safetensors to read")
     c.add_argument("dst", type=Path, help="output .safetensors (written only once complete)")
-    c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
-                   help="precision of floating tensors (fp32 keeps every bit)")
+    c.add_argument("--dtype", choices=CONVERT_DTYPES, default="fp16",
+                   help="precision of floating tensors (fp32 keeps every bit); fp8_e4m3fn / fp8_e5m2: the linear "
+                        "and convolution weights as 8-bit floats, the rest fp32 (a quarter of fp32's size)")
     c.add_argument("--no-check", action="store_true",
                    help="skip the strict key/shape check against the released network (for other sizes)")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

@@ -13,6 +13,10 @@ import torch
 REGIONS = ("full", "face", "lip")
 # Weight precisions a user can choose (nodes, CLI, converter).
 PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Formats the linear/conv weights can be stored in instead (nodes, CLI, converter: models/ops.py casts them to the
+# precision per call), by the names of ComfyUI's diffusion-model loader. e4m3fn keeps 3 mantissa bits within
+# +-448, e5m2 2 bits within +-57344; both halve fp16's bytes.
+STORAGE_FORMATS: dict[str, torch.dtype] = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # EmoCAST latents are VAE latents times this, hard-coded by the reference whatever the VAE's own factor.
 LATENT_SCALE = 0.18215
 DEFAULT_EMOTION = "The portrait is watching a horror movie with jump scares."

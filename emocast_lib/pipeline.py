@@ -15,6 +15,7 @@ import torch
 from .config import REGIONS, SamplingConfig
 from .emotion import STRENGTH_RANGE, strength_problem
 from .models import ClipConditioning, ClipContext, EmoCASTNet
+from .models.ops import compute_dtype
 from .sampling import EmotionHalf, OnStep, ShouldStop, check_settings, denoise_clip
 
 
@@ -109,12 +110,11 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
 
     `noise(clip)` may supply each clip's initial latents; by default one CPU generator seeded with
     `settings.seed` draws them in turn, as the released script does with its global generator.
-    The network computes on `device` in `dtype`, by default those of its weights (casting layers,
-    e.g. ComfyUI's, may keep their weights elsewhere and in another dtype)."""
+    The network computes on `device` in `dtype`, by default those of its weights, fp8-stored ones aside
+    (casting layers, e.g. ComfyUI's, may keep their weights elsewhere and in another dtype)."""
     check_settings(settings)
     scales = emotion_scales(settings, emotion, audio.windows.shape[0])
-    p = next(net.parameters())
-    device, dtype = torch.device(device or p.device), dtype or p.dtype
+    device, dtype = torch.device(device or next(net.parameters()).device), dtype or compute_dtype(net)
     f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
     total = audio.windows.shape[0]
     if total % f:

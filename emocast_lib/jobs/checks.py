@@ -343,6 +343,14 @@ def _cuda_problem(device: str, dev: torch.device) -> str | None:
     return None
 
 
+def storage_problems(weight_dtype: str, device: torch.device) -> list[Problem]:
+    """fp8 weights on a device that cannot hold them: PyTorch has no fp8 tensors on Apple's MPS."""
+    if weight_dtype == "default" or device.type != "mps":
+        return []
+    return [Problem("weight_dtype", f"{weight_dtype}: PyTorch cannot hold fp8 weights on {device}; use "
+                                    "--weight-dtype default there, or --device cpu")]
+
+
 def _mps_problem(device: str, dev: torch.device) -> str | None:
     if torch.backends.mps.is_available():
         return None

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic.fields import FieldInfo
 
 from ..audio import MAX_SECONDS
-from ..config import DEFAULT_EMOTION, PRECISIONS, SCHEDULERS, SamplingConfig
+from ..config import DEFAULT_EMOTION, PRECISIONS, SCHEDULERS, STORAGE_FORMATS, SamplingConfig
 from ..emotion import EMOTION_CFG_RANGE, STRENGTH_RANGE
 
 # Strict: a whole number must be an int (not 1.5, not true), a switch a bool; floats take ints. Paths
@@ -161,6 +161,10 @@ class ModelSettings(_Values):
                                                      "MODELS/emocast/net.pth, else the only .safetensors there)")
     device: str = setting("auto", help=DEVICES)
     precision: Literal[("auto", *PRECISIONS)] = setting("auto", help="auto: fp16 on a GPU, fp32 on the CPU")
+    weight_dtype: Literal[("default", *STORAGE_FORMATS)] = setting(
+        "default", help="default: the weights in the precision; fp8_e4m3fn / fp8_e5m2: the linear and convolution "
+                        "weights stored as 8-bit floats (half of fp16's memory), cast to the precision in every "
+                        "layer; e4m3fn is the closer to the default's video (README: fp8 weights)")
 
 
 @dataclass(frozen=True)

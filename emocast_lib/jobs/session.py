@@ -21,7 +21,7 @@ from ..config import PRECISIONS
 from ..emotion import EncodedText, encode_prompt
 from ..photo import reason
 from ..pipeline import make_portrait
-from .checks import CheckedJob, Inputs, check_job, default_checkpoint, device_problems
+from .checks import CheckedJob, Inputs, check_job, default_checkpoint, device_problems, storage_problems
 from .schema import JobError, JobSpec, ModelSettings, OnProgress, Problem, Progress
 
 
@@ -60,6 +60,8 @@ class Session:
         self.models = Path(settings.models)
         self.checkpoint = Path(settings.checkpoint) if settings.checkpoint else default_checkpoint(self.models)
         self.device = _pick_device(settings.device)
+        if problems := storage_problems(settings.weight_dtype, self.device):
+            raise JobError(problems)
         self.dtype = _pick_dtype(settings.precision, self.device)
         self.on_progress = on_progress
         self.inputs = inputs or Inputs(self.models)  # the checks' decodings, when the caller checked the jobs
@@ -110,7 +112,8 @@ class Session:
     @cached_property
     def net(self):
         def make():
-            net = load_net(self.checkpoint, dtype=self.dtype, device=self.device)
+            net = load_net(self.checkpoint, dtype=self.dtype, device=self.device,
+                           weight_dtype=self.settings.weight_dtype)
             _refuse_nonfinite(net, self.checkpoint, "checkpoint")
             return net
 
@@ -234,6 +237,8 @@ def _checked(model, path: Path, module: Callable[[Any], Any] = lambda m: m):
 def _refuse_nonfinite(module: torch.nn.Module, path: Path, field: str) -> None:
     """A model file with NaN or infinite weights gives a black or noisy video with exit 0: refuse it."""
     for name, tensor in module.state_dict().items():
+        if tensor.element_size() == 1 and tensor.is_floating_point():  # fp8 (torch has no isfinite for it)
+            tensor = tensor.float()
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise JobError([Problem(field, f"{path}: the weight {name} holds NaN or infinite values; the file is "
                                            "damaged: download it again")])
