@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ..config import SamplingConfig
-from ..emotion import emotion_schedule
+from ..emotion import emotion_schedule, strength_schedule
 from ..face import PortraitCrop, paste_back
 from ..files import OutputError
 from ..pipeline import AudioWindows, Emotion, iter_clips, num_clips
@@ -51,7 +51,8 @@ def _prepare(session: Session, job: CheckedJob, say: OnProgress):
         source = "the step count the checkpoint declares" if session.declared_steps else "the released default"
         say(Progress("prepare", f"{steps} denoising steps per clip ({source}; --steps changes it)"))
     settings = sampling_config(steps, spec.cfg, spec.seed, (spec.pose_weight, spec.face_weight, spec.lip_weight),
-                               spec.fps, spec.clip_length, spec.scheduler, spec.cfg_end, spec.cache_interval)
+                               spec.fps, spec.clip_length, spec.scheduler, spec.cfg_end, spec.cache_interval,
+                               spec.emotion_cfg)
     prepared = session.portrait(job)
     say(Progress("prepare", f"portrait: {prepared.note}"))
     feats = session.features(job)
@@ -96,7 +97,8 @@ def _write(session: Session, job: CheckedJob, settings: SamplingConfig, prepared
 
 
 def _emotion(session: Session, spec: JobSpec, frames: int, say: OnProgress) -> Emotion:
-    """One prompt, or the schedule resolved per frame."""
+    """One prompt, or the schedule resolved per frame (with each frame's emotion strength where a segment
+    has one)."""
     texts = [s.text for s in spec.schedule] or [spec.emotion]
     encoded = [session.emotion(t, spec.truncate_prompt) for t in texts]
     for e in encoded:
@@ -106,7 +108,11 @@ def _emotion(session: Session, spec: JobSpec, frames: int, say: OnProgress) -> E
     if not spec.schedule:
         return Emotion(encoded[0].hidden, uncond)
     segments = [(e.hidden[0], s.start, s.end) for e, s in zip(encoded, spec.schedule, strict=True)]
-    return Emotion(emotion_schedule(segments, spec.crossfade, spec.fps, frames), uncond)
+    strength = None
+    if any(s.strength != 1.0 for s in spec.schedule):
+        strength = strength_schedule([(s.strength, s.start, s.end) for s in spec.schedule], spec.crossfade, spec.fps,
+                                     frames)
+    return Emotion(emotion_schedule(segments, spec.crossfade, spec.fps, frames), uncond, strength)
 
 
 def _paste_target(rgb: np.ndarray, crop: PortraitCrop) -> tuple[torch.Tensor, PortraitCrop]:
