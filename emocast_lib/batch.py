@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from . import layout
+from .emotion import split_strength
 from .files import write_bytes
 from .jobs import (
     CheckedJob,
@@ -116,10 +117,12 @@ def _json_cell(name: str, value: Any, opener: str) -> Any:
 
 
 def _schedule_entry(i: int, seg: Any) -> Segment:
-    if not isinstance(seg, dict) or set(seg) != {"text", "start", "end"}:
-        raise ValueError(f'emotion: schedule entry {i} must be {{"text", "start", "end"}}, got {seg!r}')
+    if not isinstance(seg, dict) or not {"text", "start", "end"} <= set(seg) <= {"text", "start", "end", "strength"}:
+        raise ValueError(f'emotion: schedule entry {i} must be {{"text", "start", "end"}} and optionally '
+                         f'"strength", got {seg!r}')
     try:
-        return Segment(_text(f"emotion entry {i} text", seg["text"]), _cell(seg["start"]), _cell(seg["end"]))
+        return Segment(_text(f"emotion entry {i} text", seg["text"]), _cell(seg["start"]), _cell(seg["end"]),
+                       _cell(seg.get("strength", 1.0)))
     except JobError as e:
         raise ValueError(f"emotion entry {i}: {'; '.join(p.message for p in e.problems)}") from None
 
@@ -131,7 +134,11 @@ def _text_schedule(text: str) -> tuple[Segment, ...]:
         if not m or not m.group(3).strip('"'):
             raise ValueError(f"emotion: schedule part {i} {part.strip()!r} is not `START-END s: text` "
                              f"(seconds, e.g. `0-1.5 s: calm | 1.5-3 s: angry`)")
-        segments.append(Segment(m.group(3).strip('"'), float(m.group(1)), float(m.group(2))))
+        try:  # `4-9 s: terrified @1.6`: the segment's strength
+            text, strength = split_strength(m.group(3))
+            segments.append(Segment(text.strip('"'), float(m.group(1)), float(m.group(2)), strength))
+        except ValueError as e:  # a bad strength, or the schema's range (JobError)
+            raise ValueError(f"emotion: schedule part {i} {part.strip()!r}: {e}") from None
     return tuple(segments)
 
 
@@ -356,6 +363,8 @@ def settings_record(job: CheckedJob, settings: ModelSettings, models: dict[str, 
     the model files."""
     spec = job.spec
     unused = ("emotion",) if spec.schedule else ("schedule", "crossfade")
+    if spec.emotion_cfg is None:  # unset (the released guidance) is left out, as in records made before it existed
+        unused += ("emotion_cfg",)
     unused += () if spec.speakers else ("speakers",)  # records of jobs from before conversations stay valid
     values = spec.model_dump(mode="json", exclude={*PATHS, "overwrite", *unused})
     audio = {} if spec.speakers else {"audio_sha256": job.audio_sha256}

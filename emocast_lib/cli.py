@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from . import batch as batch_lib
 from .checkpoint import CONVERT_DTYPES, CheckpointError, checkpoint_config, convert_file, net_shapes, read_metadata
+from .emotion import split_strength
 from .jobs import JobError, JobSpec, ModelSettings, Progress, Segment, Session, check_job, check_models, run_job
 from .jobs.checks import Inputs
 from .jobs.schema import choices, extra, fields, kind, option, parse_speaker
@@ -61,12 +62,16 @@ def _number(kind):
 
 
 def _segment(text: str) -> Segment:
-    """START:END:TEXT -> Segment."""
+    """START:END:TEXT -> Segment; TEXT may end in @STRENGTH (0:1.5:A frightened portrait. @1.6)."""
     parts = text.split(":", 2)
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"{text!r} is not START:END:TEXT (seconds, e.g. 0:1.5:A happy portrait.)")
     try:
-        return Segment(parts[2], float(parts[0]), float(parts[1]))
+        prompt, strength = split_strength(parts[2])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    try:
+        return Segment(prompt, float(parts[0]), float(parts[1]), strength)
     except ValueError:  # float() or the schema's range (JobError)
         raise argparse.ArgumentTypeError(
             f"{text!r}: START and END must be seconds from 0, e.g. 0:1.5:A happy portrait.") from None

@@ -110,6 +110,9 @@ class SamplingConfig:
     scheduler: str = "ddim"  # "ddim" (released), "dpmpp_2m", "uni_pc"
     cfg_end: float = 1.0  # guidance for this fraction of the steps, then the conditional half alone
     cache_interval: int = 1  # a full UNet pass every this many steps, shallow passes reusing its deep features between
+    # Guidance of the emotion prompt alone (emotion_cfg in sampling.py); None: cfg_scale, the released joint
+    # guidance, whose third half is then never computed.
+    emotion_cfg: float | None = None
 
 
 # The samplers `SamplingConfig.scheduler` names (emocast_lib/sampling.py): the released DDIM, then the levers.

@@ -8,6 +8,8 @@ CLIP object to the same protocol (`nodes/convert.py`).
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -15,9 +17,14 @@ from typing import Protocol, Sequence
 import torch
 
 __all__ = ["MAX_TOKENS", "EncodedText", "TextEncoder", "HFTextEncoder", "load_clip_tokenizer", "pad_ids",
-           "encode_prompt", "emotion_embeddings", "emotion_schedule"]
+           "encode_prompt", "emotion_embeddings", "emotion_schedule", "EMOTION_CFG_RANGE", "STRENGTH_RANGE",
+           "emotion_cfg_problem", "strength_problem", "strength_schedule", "split_strength"]
 
 MAX_TOKENS = 77
+# Emotion guidance (sampling.py): emotion_cfg is a guidance scale with cfg's range; a schedule segment's
+# strength multiplies it (1 leaves it as it is).
+EMOTION_CFG_RANGE = (0.0, 20.0)
+STRENGTH_RANGE = (0.0, 4.0)
 
 
 class TextEncoder(Protocol):
@@ -128,3 +135,60 @@ def emotion_schedule(segments: Sequence[tuple[torch.Tensor, float, float]], cros
         w = w.to(torch.float32).view(-1, *([1] * len(shape)))
         out = out * (1 - w) + emb.to(torch.float32) * w
     return out
+
+
+def strength_schedule(segments: Sequence[tuple[float, float, float]], crossfade_s: float, fps: float,
+                      num_frames: int) -> torch.Tensor:
+    """Per-frame emotion strengths (num_frames,) from [(strength, start_s, end_s), ...], crossfaded
+    exactly as `emotion_schedule` crossfades the prompts of the same segments."""
+    return emotion_schedule([(torch.tensor(float(s)), start, end) for s, start, end in segments], crossfade_s, fps,
+                            num_frames)
+
+
+
+# A schedule segment's text may end in "@<strength>": "4-9 s: terrified @1.6" (a number after the @; other
+# text after an @, "@home", stays part of the prompt).
+_STRENGTH_SUFFIX = re.compile(r"\s@\s*([-+]?(?:\d|\.\d|nan|inf)\S*)\s*$", re.IGNORECASE)
+
+
+def split_strength(text: str) -> tuple[str, float]:
+    """Segment text -> (emotion text, strength): a trailing "@1.6" is the strength (1 without one). Raises
+    ValueError (one line) for a suffix that is not a usable strength."""
+    match = _STRENGTH_SUFFIX.search(" " + text)
+    if match is None:
+        return text.strip(), 1.0
+    try:
+        strength = float(match.group(1))
+    except ValueError:
+        raise ValueError(f"strength: {match.group(1)!r} after '@' is not a number; end the segment with "
+                         "@ and a multiple of emotion_cfg, e.g. @1.6") from None
+    problem = strength_problem(strength)
+    if problem:
+        raise ValueError(problem)
+    return text[: max(match.start() - 1, 0)].strip(), strength
+
+
+def emotion_cfg_problem(value: object, unset: str = "leave it unset") -> str | None:
+    """One line saying what is wrong with an emotion_cfg value, or None when it is a usable scale;
+    `unset` says how the caller asks for cfg's scale."""
+    low, high = EMOTION_CFG_RANGE
+    return _range_problem("emotion_cfg", value, EMOTION_CFG_RANGE,
+                          f"give a guidance scale from {low:g} to {high:g}, or {unset} for the same as cfg")
+
+
+def strength_problem(value: object, name: str = "strength") -> str | None:
+    """One line saying what is wrong with a segment strength called `name`, or None when it is usable."""
+    low, high = STRENGTH_RANGE
+    return _range_problem(name, value, STRENGTH_RANGE, f"give a multiple of emotion_cfg from {low:g} to {high:g} "
+                                                       "(1: emotion_cfg as it is)")
+
+
+def _range_problem(name: str, value: object, limits: tuple[float, float], fix: str) -> str | None:
+    low, high = limits
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name}: {value!r} is not a number; {fix}"
+    if not math.isfinite(value):
+        return f"{name}: {value} is not a finite number; {fix}"
+    if not low <= value <= high:
+        return f"{name}: {value:g} is {'negative' if value < low else f'above {high:g}'}; {fix}"
+    return None

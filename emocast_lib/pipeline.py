@@ -6,16 +6,17 @@ fit: `encode(pixels (N, 3, H, W) in [-1, 1]) -> unscaled latent mean (N, 4, h, w
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .config import REGIONS, SamplingConfig
-from .models import ClipConditioning, EmoCASTNet
+from .emotion import STRENGTH_RANGE, strength_problem
+from .models import ClipConditioning, ClipContext, EmoCASTNet
 from .models.ops import compute_dtype
-from .sampling import OnStep, ShouldStop, check_settings, denoise_clip
+from .sampling import EmotionHalf, OnStep, ShouldStop, check_settings, denoise_clip
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Portrait:
 class Emotion:
     cond: torch.Tensor  # (1 or frames, 77, D): emotion prompt hidden states, one row per video frame
     uncond: torch.Tensor  # (1, 77, D): empty prompt
+    # (1 or frames,): each frame's multiple of emotion_cfg (Emotion Schedule segment strengths); None: 1
+    strength: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,10 +81,24 @@ def num_clips(audio: AudioWindows, settings: SamplingConfig) -> int:
 
 def _per_frame(cond: torch.Tensor, frames: int) -> torch.Tensor:
     if cond.shape[0] == 1:
-        return cond.expand(frames, -1, -1)
+        return cond.expand(frames, *cond.shape[1:])
     if cond.shape[0] < frames:  # a schedule covering the real frames: hold its last row over the padding
-        cond = torch.cat([cond, cond[-1:].expand(frames - cond.shape[0], -1, -1)])
+        cond = torch.cat([cond, cond[-1:].expand(frames - cond.shape[0], *cond.shape[1:])])
     return cond[:frames]
+
+
+def emotion_scales(settings: SamplingConfig, emotion: Emotion, frames: int) -> torch.Tensor | None:
+    """Each frame's emotion guidance scale (frames,) in float64: emotion_cfg (cfg when unset) times the
+    frame's strength; None when every frame's is cfg (the released guidance, no neutral half)."""
+    scale = settings.cfg_scale if settings.emotion_cfg is None else settings.emotion_cfg
+    if emotion.strength is None:
+        return None if scale == settings.cfg_scale else torch.full((frames,), float(scale), dtype=torch.float64)
+    strength = emotion.strength.reshape(-1).double()
+    low, high = STRENGTH_RANGE
+    bad = strength[~(strength.isfinite() & (strength >= low) & (strength <= high))]
+    if len(bad):
+        raise ValueError(strength_problem(float(bad[0])))
+    return scale * _per_frame(strength, frames)
 
 
 @torch.no_grad()
@@ -96,6 +113,7 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
     The network computes on `device` in `dtype`, by default those of its weights, fp8-stored ones aside
     (casting layers, e.g. ComfyUI's, may keep their weights elsewhere and in another dtype)."""
     check_settings(settings)
+    scales = emotion_scales(settings, emotion, audio.windows.shape[0])
     device, dtype = torch.device(device or next(net.parameters()).device), dtype or compute_dtype(net)
     f, m, scale = settings.frames_per_clip, settings.motion_frames, settings.latent_scale
     total = audio.windows.shape[0]
@@ -119,6 +137,8 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
     feats = feats.transpose(0, 1)[None]
     face = torch.cat([torch.zeros_like(feats), feats])  # (2, C0, f, h, w)
     masks = {r: [lvl.to(device, dtype).reshape(1, -1).expand(2 * f, -1) for lvl in portrait.masks[r]] for r in REGIONS}
+    # The neutral half's text tokens: the empty prompt in both rows, with the identity tokens of each half.
+    neutral_context = torch.cat([uncond_text.expand(2, -1, -1), image_tokens], dim=1)  # (2, 81, D)
 
     reference = ReferenceBank(net, vae, src, m, scale, device, dtype)
     prev: torch.Tensor | None = None
@@ -129,18 +149,34 @@ def iter_clips(net: EmoCASTNet, vae: Vae, portrait: Portrait, audio: AudioWindow
         text = torch.cat([uncond_text.expand(f, -1, -1), clip_emo])  # (2f, 77, D)
         context = torch.cat([text, image_tokens.repeat_interleave(f, 0)], dim=1)  # (2f, 81, D)
         # The reference pass sees one emotion per clip: the clip's middle frame.
-        bank = reference(None if prev is None else prev[-m:], context[f // 2 :: f])  # rows f // 2, f + f // 2
+        motion = None if prev is None else prev[-m:]
+        bank = reference(motion, context[f // 2 :: f])  # rows f // 2, f + f // 2
         cond = ClipConditioning(context=_collapse(context, f), face_features=face,
                                 audio=torch.cat([torch.zeros_like(tokens), tokens]),
                                 emotion=torch.cat([clip_emo, clip_emo]), masks=masks,
                                 motion_scale=settings.motion_scale)
         ctx = net.denoising_unet.prepare(cond, bank)
+        half = None
+        if scales is not None and bool((scales[frames] != settings.cfg_scale).any()):
+            half = EmotionHalf(neutral_half(net, reference, motion, cond, neutral_context), scales[frames])
         latents = draw(clip).to(device, dtype)
-        latents = denoise_clip(net.denoising_unet, ctx, latents, settings, clip, on_step, should_stop)
+        latents = denoise_clip(net.denoising_unet, ctx, latents, settings, clip, on_step, should_stop, half)
         video = decode_frames(vae, latents[0].transpose(0, 1) / scale)  # (f, 3, H, W) in [0, 1]
         prev = video[-m:].to(device, dtype) * 2 - 1
         keep = min(f, audio.length - clip * f)
         yield ClipResult(clip, video[:keep].float().cpu(), latents[:, :, :keep].float().cpu())
+
+
+def neutral_half(net: EmoCASTNet, reference: ReferenceBank, motion: torch.Tensor | None, cond: ClipConditioning,
+                 context: torch.Tensor) -> ClipContext:
+    """The neutral half's conditional-only context: the clip's conditioning `cond` with the empty prompt
+    wherever the emotion prompt enters: the text tokens (`context`, (2, 81, D), [unconditional, empty
+    prompt + identity]), the emotive audio attention, and the reference pass it reads (run on `context`);
+    identity, face and audio as they are."""
+    bank = reference(motion, context)
+    empty = context[:1, : -net.config.image_proj.tokens]
+    neutral = replace(cond, context=context, emotion=empty.expand(cond.emotion.shape[0], -1, -1))
+    return net.denoising_unet.prepare(neutral, bank).conditional()
 
 
 class ReferenceBank:
@@ -149,8 +185,10 @@ class ReferenceBank:
 
     The source portrait is encoded once per video, and its rows (the source under both contexts) are
     computed once per reference context, i.e. once per video with one emotion prompt: they are the
-    same calls on the same inputs in every clip, so reusing them changes no bit. Each clip then encodes
-    and runs only its motion frames; the first clip, whose motion frames are the source, runs neither."""
+    same calls on the same inputs in every clip, so reusing them changes no bit. The last two contexts
+    are kept (the clip's and, with emotion guidance, the neutral half's). Each clip then encodes and runs
+    only its motion frames (encoded once for both contexts); the first clip, whose motion frames are the
+    source, runs neither."""
 
     def __init__(self, net: EmoCASTNet, vae: Vae, source: torch.Tensor, motion_frames: int, scale: float,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -159,16 +197,14 @@ class ReferenceBank:
         p = next(net.parameters())
         self.latent = (vae.encode(source[None]) * scale).to(device or p.device, dtype or p.dtype)  # (1, 4, h, w)
         self.rows = [(i % (1 + motion_frames), i % 2) for i in range(2 * (1 + motion_frames))]  # (frame, context)
-        self.context: torch.Tensor | None = None
-        self.source: dict[str, torch.Tensor] = {}  # source under context 0 and 1: (2, L, C)
+        self.sources: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # (context, source rows (2, L, C))
+        self.motion: tuple[torch.Tensor, torch.Tensor] | None = None  # the last motion frames and their latents
 
     def __call__(self, motion: torch.Tensor | None, context: torch.Tensor) -> dict[str, torch.Tensor]:
         """motion (m, 3, H, W) pixels in [-1, 1], None for the first clip; context (2, N, D)."""
-        if self.context is None or not torch.equal(self.context, context):
-            self.source = self.net.reference_unet(self.latent.expand(2, -1, -1, -1), context)
-            self.context = context
+        source = self._source(context)
         if motion is None:
-            return {k: _rows(v, [c for _, c in self.rows]) for k, v in self.source.items()}
+            return {k: _rows(v, [c for _, c in self.rows]) for k, v in source.items()}
         # The motion rows, each (frame, context) pair once, alternating contexts as the UNet pairs rows
         # (a side with fewer pairs is padded with a spare row, dropped after).
         pairs = sorted({r for r in self.rows if r[0] > 0})
@@ -176,10 +212,19 @@ class ReferenceBank:
         n = max(map(len, sides))
         sides = [side + [pairs[0][0]] * (n - len(side)) for side in sides]
         order = [(side[k], ctx) for k in range(n) for ctx, side in enumerate(sides)]
-        latents = (self.vae.encode(motion) * self.scale).to(self.latent)
-        out = self.net.reference_unet(_rows(latents, [j - 1 for j, _ in order]), context)
+        if self.motion is None or self.motion[0] is not motion:
+            self.motion = (motion, (self.vae.encode(motion) * self.scale).to(self.latent))
+        out = self.net.reference_unet(_rows(self.motion[1], [j - 1 for j, _ in order]), context)
         index = [c if j == 0 else 2 + order.index((j, c)) for j, c in self.rows]
-        return {k: _rows(torch.cat([self.source[k], v]), index) for k, v in out.items()}
+        return {k: _rows(torch.cat([source[k], v]), index) for k, v in out.items()}
+
+    def _source(self, context: torch.Tensor) -> dict[str, torch.Tensor]:
+        for known, rows in self.sources:
+            if torch.equal(known, context):
+                return rows
+        rows = self.net.reference_unet(self.latent.expand(2, -1, -1, -1), context)
+        self.sources = [(context, rows), *self.sources[:1]]
+        return rows
 
 
 def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:

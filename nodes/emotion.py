@@ -6,7 +6,7 @@ import math
 import torch
 from comfy_api.latest import io, ui
 
-from emocast_lib.emotion import emotion_embeddings, emotion_schedule
+from emocast_lib.emotion import emotion_embeddings, emotion_schedule, strength_problem
 from emocast_lib.jobs.schema import Segment, limits, widget
 
 from .convert import ComfyTextEncoder
@@ -85,14 +85,30 @@ class EmotionSchedule(io.ComfyNode):
             inputs=[inp for i in range(1, SLOTS + 1) for inp in _slot(i, 1.5 * (i - 1))] + [
                 io.Float.Input("crossfade", **widget("crossfade"), step=0.05, round=0.01,
                                tooltip="Length in seconds of each crossfade between two emotions (0: hard cut)."),
+                # after the other widgets, so that workflows saved before them keep their values
+                *(io.Float.Input(f"strength_{i}", **widget("strength", Segment), step=0.05, round=0.01, optional=True,
+                                 tooltip=f"How strongly emotion {i} shows: a multiple of the sampler's emotion_cfg "
+                                         "over its time range, crossfaded like the emotions. 1: as emotion_cfg "
+                                         "(all 1: the released guidance); any other value costs a third "
+                                         "half-batch per step in the clips it reaches.")
+                  for i in range(1, SLOTS + 1)),
             ],
             outputs=[EmoCASTEmotion.Output("emotion", display_name="emotion",
                                            tooltip="Per-frame emotion conditioning for EmoCAST Sampler.")],
         )
 
     @classmethod
+    def validate_inputs(cls, strength_1: float = 1.0, strength_2: float = 1.0, strength_3: float = 1.0,
+                        strength_4: float = 1.0) -> bool | str:
+        return strengths_problem(dict(strength_1=strength_1, strength_2=strength_2, strength_3=strength_3,
+                                      strength_4=strength_4)) or True
+
+    @classmethod
     def execute(cls, crossfade: float, **slots) -> io.NodeOutput:
-        segments, prompts, uncond = [], [], None
+        problem = strengths_problem(slots)  # also here: a linked value is not seen by validate_inputs
+        if problem:
+            raise EmoCASTInputError(problem)
+        segments, prompts, uncond, strengths = [], [], None, []
         for i in range(1, SLOTS + 1):
             emotion: EmotionCond | None = slots.get(f"emotion_{i}")
             if emotion is None:
@@ -107,9 +123,16 @@ class EmotionSchedule(io.ComfyNode):
             start, end = slots[f"start_{i}"], slots[f"end_{i}"]
             segments.append((emotion.segments[0][0], float(start), float(end)))
             prompts.append(emotion.prompts[0])
+            strengths.append(float(slots.get(f"strength_{i}", 1.0)))
         try:  # check the ranges here, so that the error points at this node (the sampler resolves frames)
             emotion_schedule(segments, crossfade, fps=1.0, num_frames=1)
         except ValueError as e:
             raise EmoCASTInputError(f"start/end: {e}") from e
-        schedule = EmotionCond(segments, uncond, prompts, crossfade)
+        schedule = EmotionCond(segments, uncond, prompts, crossfade, tuple(strengths))
         return io.NodeOutput(schedule, ui=ui.PreviewText(schedule.describe()))
+
+
+def strengths_problem(values: dict) -> str | None:
+    """The first bad `strength_i` among `values` (one line naming it), or None."""
+    return next((problem for i in range(1, SLOTS + 1)
+                 if (problem := strength_problem(values.get(f"strength_{i}", 1.0), f"strength_{i}"))), None)

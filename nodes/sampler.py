@@ -16,6 +16,7 @@ from comfy_api.latest import io, ui
 
 from emocast_lib.checkpoint import STEPS_KEY
 from emocast_lib.config import SamplingConfig
+from emocast_lib.emotion import emotion_cfg_problem
 from emocast_lib.jobs.schema import JobError, sampling_config, widget
 from emocast_lib.pipeline import AudioWindows, ClipResult, Emotion, iter_clips, make_portrait, num_clips
 from emocast_lib.sampling import GenerationCancelled
@@ -72,6 +73,39 @@ def lever_inputs() -> list[io.Input]:
     ]
 
 
+# The emotion_cfg widget's "not set": the same as cfg (a widget always holds a number).
+SAME_AS_CFG = -1.0
+
+
+def emotion_cfg_input() -> io.Input:
+    """After the levers in both samplers, so that widget values saved by workflows from before it stay aligned."""
+    # the schema's range, and below it the "not set" value (the schema's default, None, is no widget value)
+    return io.Float.Input("emotion_cfg", default=SAME_AS_CFG, min=SAME_AS_CFG, max=widget("emotion_cfg")["max"],
+                          step=0.1, round=0.01, optional=True,
+                          tooltip="Guidance of the emotion prompt alone: above cfg the emotion shows more, below "
+                                  "less, 0 leaves it out of the guidance (an Emotion Schedule's strengths multiply "
+                                  "it per segment). -1: the same as cfg, the released guidance. Any other value "
+                                  "runs a third half-batch on every guided step (1.5-1.7x the denoising time).")
+
+
+def emotion_guidance(emotion_cfg: float) -> float | None:
+    """The emotion_cfg input -> SamplingConfig.emotion_cfg (None: the same as cfg); a bad one is named."""
+    if emotion_cfg == SAME_AS_CFG:
+        return None
+    problem = emotion_cfg_problem(emotion_cfg, unset=f"{SAME_AS_CFG:g}")
+    if problem:
+        raise EmoCASTInputError(problem)
+    return float(emotion_cfg)
+
+
+def validate_emotion_cfg(emotion_cfg: float) -> bool | str:
+    try:
+        emotion_guidance(emotion_cfg)
+    except EmoCASTInputError as e:
+        return str(e)
+    return True
+
+
 def sampling_inputs() -> list[io.Input]:
     """What both samplers take before their own inputs and the levers."""
     return [
@@ -109,7 +143,7 @@ class Sampler(io.ComfyNode):
             description="Generates the talking portrait clip by clip (DDIM, v-prediction, classifier-free "
                         "guidance), each clip continuing from the last frames of the previous one. Progress "
                         "counts clips x steps; Cancel stops within one step.",
-            inputs=[*sampling_inputs(), *lever_inputs()],
+            inputs=[*sampling_inputs(), *lever_inputs(), emotion_cfg_input()],
             outputs=[
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames, trimmed to the speech."),
                 io.Audio.Output("audio", display_name="audio", tooltip="The speech, exactly as long as the frames."),
@@ -121,17 +155,21 @@ class Sampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, emotion_cfg: float = SAME_AS_CFG) -> bool | str:
+        return validate_emotion_cfg(emotion_cfg)
+
+    @classmethod
     def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
                 cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
                 scheduler: str = SamplingConfig.scheduler, cfg_end: float = SamplingConfig.cfg_end,
-                cache_interval: int = SamplingConfig.cache_interval,
+                cache_interval: int = SamplingConfig.cache_interval, emotion_cfg: float = SAME_AS_CFG,
                 portrait: torch.Tensor | None = None) -> io.NodeOutput:
         # `portrait`: the input before 0.2.0, still linked in workflows saved then (ComfyUI passes it on);
         # unused, the portrait comes with `face`, so those workflows keep running.
         frames, latents = [], []
         levers = (scheduler, cfg_end, cache_interval)
         for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
-                                 (pose_weight, face_weight, lip_weight), levers):
+                                 (pose_weight, face_weight, lip_weight), levers, emotion_cfg):
             frames.append(clip.frames)
             latents.append(clip.latents)
         return io.NodeOutput(frames_to_image(torch.cat(frames)), emocast_audio.audio, float(emocast_audio.fps),
@@ -154,17 +192,21 @@ class SamplerToVideo(io.ComfyNode):
             inputs=[*sampling_inputs(),
                     io.String.Input("filename_prefix", default="EmoCAST/talking_portrait",
                                     tooltip="Output file name prefix, inside ComfyUI's output folder."),
-                    *lever_inputs()],
+                    *lever_inputs(), emotion_cfg_input()],
             outputs=[],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, emotion_cfg: float = SAME_AS_CFG) -> bool | str:
+        return validate_emotion_cfg(emotion_cfg)
 
     @classmethod
     def execute(cls, model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
                 cfg: float, seed: int, pose_weight: float, face_weight: float, lip_weight: float,
                 filename_prefix: str, scheduler: str = SamplingConfig.scheduler,
                 cfg_end: float = SamplingConfig.cfg_end, cache_interval: int = SamplingConfig.cache_interval,
-                portrait: torch.Tensor | None = None) -> io.NodeOutput:
+                emotion_cfg: float = SAME_AS_CFG, portrait: torch.Tensor | None = None) -> io.NodeOutput:
         # `portrait`: the removed input of workflows saved before 0.2.0 (see Sampler.execute), unused
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
@@ -173,7 +215,8 @@ class SamplerToVideo(io.ComfyNode):
         with Mp4Writer(Path(folder) / file, emocast_audio.fps, sound["waveform"][0], int(sound["sample_rate"]),
                        metadata=workflow_metadata(cls.hidden)) as writer:  # the sound keeps its rate and channels
             for clip in sample_clips(model, vae, face, emocast_audio, emotion, steps, cfg, seed,
-                                     (pose_weight, face_weight, lip_weight), (scheduler, cfg_end, cache_interval)):
+                                     (pose_weight, face_weight, lip_weight), (scheduler, cfg_end, cache_interval),
+                                     emotion_cfg):
                 writer.write(clip.frames)
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
 
@@ -191,7 +234,7 @@ def workflow_metadata(hidden) -> dict[str, str]:
 
 def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: EmotionCond, steps: int,
                  cfg: float, seed: int, weights: tuple[float, float, float],
-                 levers: tuple[str, float, int]) -> Iterator[ClipResult]:
+                 levers: tuple[str, float, int], emotion_cfg: float = SAME_AS_CFG) -> Iterator[ClipResult]:
     """Checks, then the library's clip generator with ComfyUI's progress bar, previews and Cancel."""
     net = model.model
     check_inputs(net, face, emocast_audio, emotion)
@@ -203,11 +246,14 @@ def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: 
     audio = AudioWindows(emocast_audio.windows, emocast_audio.length)
     # 0 steps: the count EmoCAST Model Loader found declared in the checkpoint (kept in the model's options)
     steps = steps or model.model_options.get(STEPS_KEY) or SamplingConfig.steps
+    guidance = emotion_guidance(emotion_cfg)  # also here: a linked value is not seen by validate_inputs
     try:
-        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length, *levers)
+        settings = sampling_config(steps, cfg, seed, weights, emocast_audio.fps, emocast_audio.clip_length, *levers,
+                                   guidance)
     except JobError as e:
         raise EmoCASTInputError(str(e)) from e
     cond = emotion.per_frame(emocast_audio.fps, emocast_audio.length)
+    strength = emotion.per_frame_strength(emocast_audio.fps, emocast_audio.length)
 
     mm.load_models_gpu([model])
     total = num_clips(audio, settings) * steps
@@ -222,7 +268,7 @@ def sample_clips(model, vae, face: FaceInfo, emocast_audio: AudioCond, emotion: 
         pbar.update_absolute(clip * steps + step + 1, total, preview)
 
     try:
-        yield from iter_clips(net, comfy_vae(vae), inputs, audio, Emotion(cond, emotion.uncond), settings,
+        yield from iter_clips(net, comfy_vae(vae), inputs, audio, Emotion(cond, emotion.uncond, strength), settings,
                               on_step=on_step, should_stop=mm.processing_interrupted, device=model.load_device,
                               dtype=compute_dtype(model))
     except GenerationCancelled:

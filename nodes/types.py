@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from emocast_lib.emotion import emotion_schedule
+from emocast_lib.emotion import emotion_schedule, strength_schedule
 
 
 class EmoCASTInputError(ValueError):
@@ -35,6 +35,7 @@ class EmotionCond:
     uncond: torch.Tensor  # (1, 77, D) empty prompt, for guidance
     prompts: list[str]
     crossfade: float = 0.0
+    strengths: tuple[float, ...] = ()  # one per segment, multiples of the sampler's emotion_cfg; () = all 1
 
     @property
     def width(self) -> int:
@@ -46,10 +47,19 @@ class EmotionCond:
             return self.segments[0][0][None]
         return emotion_schedule(self.segments, self.crossfade, fps, frames)
 
+    def per_frame_strength(self, fps: float, frames: int) -> torch.Tensor | None:
+        """(frames,) strengths crossfaded like the prompts, or None when every segment's is 1."""
+        if all(s == 1.0 for s in self.strengths):
+            return None
+        timed = [(s, start, end) for s, (_, start, end) in zip(self.strengths, self.segments, strict=True)]
+        return strength_schedule(timed, self.crossfade, fps, frames)
+
     def describe(self) -> str:
         if len(self.segments) == 1:
             return f'"{self.prompts[0]}" for the whole video'
-        lines = [f'{start:g}-{end:g} s: "{p}"' for (_, start, end), p in zip(self.segments, self.prompts)]
+        strengths = self.strengths or (1.0,) * len(self.segments)
+        lines = [f'{start:g}-{end:g} s: "{p}"' + (f" @{s:g}" if s != 1.0 else "")
+                 for (_, start, end), p, s in zip(self.segments, self.prompts, strengths)]
         return "\n".join(lines + [f"crossfade {self.crossfade:g} s"])
 
 

@@ -411,7 +411,7 @@ def test_speed_levers_reach_the_sampler_and_default_to_the_released_setting(inpu
     with pytest.raises(types.EmoCASTInputError, match="cache_interval"):
         nodes_sampler.Sampler.execute(**inputs, cache_interval=0)
     names = [i.id for i in nodes_sampler.SamplerToVideo.define_schema().inputs]
-    assert names[-4:] == ["filename_prefix", "scheduler", "cfg_end", "cache_interval"]
+    assert names[-5:] == ["filename_prefix", "scheduler", "cfg_end", "cache_interval", "emotion_cfg"]
 
 
 def test_insightface_follows_comfyui_device(monkeypatch):

@@ -31,7 +31,7 @@ def measured(argv: list[str], clips: int = 1, threads: int = 1) -> dict:
 def test_bench_two_clips_with_the_floor():
     r = measured(["--config", "tiny", "--runs", "1", "--steps", "2", "--floor"], clips=2)
     assert r["config"] == {"name": "tiny", "model": "tiny", "size": 128, "frames": 4, "steps": 2, "clips": 2,
-                           "scheduler": "ddim", "cfg_end": 1.0, "cache_interval": 1}
+                           "scheduler": "ddim", "cfg_end": 1.0, "cache_interval": 1, "emotion_cfg": None}
     assert r["threads"] == 1
 
     (run,) = r["runs"]

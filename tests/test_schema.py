@@ -86,6 +86,7 @@ WIDGETS = {("EmoCASTAudioEncode", "fps"): (JobSpec, "fps"),
            ("EmoCASTEmotionEncode", "text"): (JobSpec, "emotion"),
            ("EmoCASTEmotionSchedule", "crossfade"): (JobSpec, "crossfade"),
            ("EmoCASTModelLoader", "precision"): (ModelSettings, "precision"),
+           **{("EmoCASTEmotionSchedule", f"strength_{i}"): (Segment, "strength") for i in range(1, 5)},
            **{(node, name): (JobSpec, name) for node in ("EmoCASTSampler", "EmoCASTSamplerToVideo")
               for name in ("cfg", "seed", "pose_weight", "face_weight", "lip_weight", "scheduler", "cfg_end",
                            "cache_interval")}}
@@ -105,6 +106,8 @@ def test_every_node_widget_takes_range_and_default_from_the_schema():
         assert nodes[node][name] == widget(field, model), (node, name)
     for node in ("EmoCASTSampler", "EmoCASTSamplerToVideo"):  # 0 steps: the checkpoint's count, else the range
         assert nodes[node]["steps"]["max"] == limits("steps")[1] and nodes[node]["steps"]["min"] == 0
+        # emotion_cfg -1: unset (the schema's None, the same as cfg), else the range
+        assert nodes[node]["emotion_cfg"] == {"default": -1.0, "min": -1.0, "max": limits("emotion_cfg")[1]}
     seconds = {"min": limits("start", Segment)[0], "max": limits("start", Segment)[1]}
     schedule = nodes["EmoCASTEmotionSchedule"]
     assert [{k: w[k] for k in seconds} for i, w in schedule.items() if i.startswith(("start_", "end_"))] == \

@@ -24,6 +24,7 @@ class BenchConfig:
     scheduler: str = "ddim"
     cfg_end: float = 1.0
     cache_interval: int = 1
+    emotion_cfg: float | None = None  # None: the same as cfg (no neutral half)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(steps=self.steps, frames_per_clip=self.frames, motion_scale=MOTION_SCALE,
@@ -52,6 +53,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "cfg_end": {"type": float, "help": "experimental lever: guidance for this fraction of the steps only"},
     "cache_interval": {"type": int, "help": "experimental lever: a full UNet pass every N steps, shallow passes in "
                                             "between (DeepCache)"},
+    "emotion_cfg": {"type": float, "help": "guidance scale of the emotion prompt alone (default: the same as cfg); "
+                                       "another value runs the neutral half: its denoising calls follow each "
+                                       "released one in a clip's `steps`"},
 }
 # The configuration's shape, overridable on the command line as well.
 SHAPE = {"steps": "override the denoising steps of every configuration", "frames": "override the frames per clip",

@@ -13,7 +13,7 @@ from PIL import Image
 from .. import audio as audio_lib
 from ..config import SamplingConfig
 from ..conversation import compose, held
-from ..emotion import emotion_schedule
+from ..emotion import emotion_schedule, strength_schedule
 from ..face import PortraitCrop, paste_back
 from ..files import OutputError
 from ..pipeline import AudioWindows, ClipResult, Emotion, iter_clips, num_clips
@@ -58,7 +58,8 @@ def _prepare(session: Session, job: CheckedJob, say: OnProgress, speaker: int | 
         source = "the step count the checkpoint declares" if session.declared_steps else "the released default"
         say(Progress("prepare", f"{steps} denoising steps per clip ({source}; --steps changes it)"))
     settings = sampling_config(steps, spec.cfg, spec.seed, (spec.pose_weight, spec.face_weight, spec.lip_weight),
-                               spec.fps, spec.clip_length, spec.scheduler, spec.cfg_end, spec.cache_interval)
+                               spec.fps, spec.clip_length, spec.scheduler, spec.cfg_end, spec.cache_interval,
+                               spec.emotion_cfg)
     prepared = session.portrait(job, speaker)
     say(Progress("prepare", f"portrait: {prepared.note}"))
     feats = session.features(job, speaker)
@@ -107,7 +108,8 @@ def _refuse_nonfinite(clip: ClipResult, session: Session) -> None:
 
 
 def _emotion(session: Session, spec: JobSpec, frames: int, say: OnProgress, text: str | None = None) -> Emotion:
-    """One prompt (`text`, else the job's), or the schedule resolved per frame."""
+    """One prompt (`text`, a conversation speaker's, else the job's), or the schedule resolved per frame (with
+    each frame's emotion strength where a segment has one)."""
     texts = [text] if text else [s.text for s in spec.schedule] or [spec.emotion]
     encoded = [session.emotion(t, spec.truncate_prompt) for t in texts]
     for e in encoded:
@@ -117,7 +119,11 @@ def _emotion(session: Session, spec: JobSpec, frames: int, say: OnProgress, text
     if text or not spec.schedule:
         return Emotion(encoded[0].hidden, uncond)
     segments = [(e.hidden[0], s.start, s.end) for e, s in zip(encoded, spec.schedule, strict=True)]
-    return Emotion(emotion_schedule(segments, spec.crossfade, spec.fps, frames), uncond)
+    strength = None
+    if any(s.strength != 1.0 for s in spec.schedule):
+        strength = strength_schedule([(s.strength, s.start, s.end) for s in spec.schedule], spec.crossfade, spec.fps,
+                                     frames)
+    return Emotion(emotion_schedule(segments, spec.crossfade, spec.fps, frames), uncond, strength)
 
 
 def _paste_target(rgb: np.ndarray, crop: PortraitCrop) -> tuple[torch.Tensor, PortraitCrop]:

@@ -14,11 +14,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer
 from pydantic.fields import FieldInfo
 
 from ..audio import CHANNELS, MAX_SECONDS
 from ..config import DEFAULT_EMOTION, MAX_FACES, PRECISIONS, SCHEDULERS, STORAGE_FORMATS, SamplingConfig
+from ..emotion import EMOTION_CFG_RANGE, STRENGTH_RANGE
 
 # Strict: a whole number must be an int (not 1.5, not true), a switch a bool; floats take ints. Paths
 # (UserPath) also take text.
@@ -78,9 +79,20 @@ class Segment(_Values):
     text: str
     start: float = Field(ge=0.0, le=3600.0, description="start of the segment in seconds")
     end: float = Field(ge=0.0, le=3600.0, description="end of the segment in seconds")
+    strength: float = Field(1.0, ge=STRENGTH_RANGE[0], le=STRENGTH_RANGE[1],
+                            description="how strongly the segment's emotion shows: a multiple of emotion_cfg, "
+                                        "crossfaded like the prompts (1: emotion_cfg as it is)")
 
-    def __init__(self, text: str, start: float, end: float):
-        super().__init__(text=text, start=start, end=end)
+    def __init__(self, text: str, start: float, end: float, strength: float = 1.0):
+        super().__init__(text=text, start=start, end=end, strength=strength)
+
+    @model_serializer(mode="wrap")
+    def _strength_when_set(self, handler: Callable) -> dict[str, Any]:
+        # Strength 1 is left out, so the batch records of videos made before strengths existed still match.
+        values = handler(self)
+        if self.strength == 1.0:
+            values.pop("strength", None)
+        return values
 
 
 class Speaker(_Values):
@@ -123,7 +135,8 @@ class JobSpec(_Values):
                                                  "tokens); used when there is no schedule")
     schedule: tuple[Segment, ...] = setting((), cli="--segment", batch=False,
                                             help="an emotion over a time range in seconds, repeatable; replaces "
-                                                 "--emotion (the last segment holds to the end)")
+                                                 "--emotion (the last segment holds to the end); TEXT ending in "
+                                                 "@STRENGTH (e.g. @1.6) multiplies --emotion-cfg over the segment")
     crossfade: float = setting(0.4, ge=0.0, le=10.0, help="seconds of each crossfade between schedule segments")
     speakers: tuple[Speaker, ...] = setting((), cli="--speaker",
                                             help="a conversation, one per person who speaks: FACE:AUDIO[@CHANNEL]"
@@ -136,6 +149,11 @@ class JobSpec(_Values):
     steps: int | None = setting(None, ge=1, le=200, help="denoising steps per clip (default: what the checkpoint "
                                                          f"declares, else {SamplingConfig.steps})")
     cfg: float = setting(SamplingConfig.cfg_scale, ge=0.0, le=20.0, help="guidance scale")
+    emotion_cfg: float | None = setting(None, ge=EMOTION_CFG_RANGE[0], le=EMOTION_CFG_RANGE[1],
+                                        help="guidance scale of the emotion prompt alone (default: the same as "
+                                             "--cfg, the released guidance): above it the emotion shows more, "
+                                             "below less, 0 leaves it out; any other value than --cfg runs a third "
+                                             "half-batch on every guided step. A segment's @strength multiplies it")
     pose_weight: float = setting(SamplingConfig.motion_scale[0], ge=0.0, le=3.0, help="audio strength on head pose")
     face_weight: float = setting(SamplingConfig.motion_scale[1], ge=0.0, le=3.0, help="audio strength on expression")
     lip_weight: float = setting(SamplingConfig.motion_scale[2], ge=0.0, le=3.0, help="audio strength on lip motion")
@@ -332,14 +350,16 @@ def value_problems(**values: Any) -> list[Problem]:
 def sampling_config(steps: int, cfg: float, seed: int, weights: tuple[float, float, float], fps: int,
                     clip_length: int, scheduler: str = SamplingConfig.scheduler,
                     cfg_end: float = SamplingConfig.cfg_end,
-                    cache_interval: int = SamplingConfig.cache_interval) -> SamplingConfig:
+                    cache_interval: int = SamplingConfig.cache_interval,
+                    emotion_cfg: float | None = SamplingConfig.emotion_cfg) -> SamplingConfig:
     """The one place user values become a SamplingConfig (CLI, batch and the sampler node); raises
     JobError naming each bad value."""
     problems = value_problems(steps=steps, cfg=cfg, seed=seed, pose_weight=weights[0], face_weight=weights[1],
                               lip_weight=weights[2], fps=fps, clip_length=clip_length, scheduler=scheduler,
-                              cfg_end=cfg_end, cache_interval=cache_interval)
+                              cfg_end=cfg_end, cache_interval=cache_interval, emotion_cfg=emotion_cfg)
     if problems:
         raise JobError(problems)
     return SamplingConfig(steps=int(steps), cfg_scale=float(cfg), frames_per_clip=int(clip_length), fps=int(fps),
                           motion_scale=tuple(float(w) for w in weights), seed=int(seed), scheduler=scheduler,
-                          cfg_end=float(cfg_end), cache_interval=int(cache_interval))
+                          cfg_end=float(cfg_end), cache_interval=int(cache_interval),
+                          emotion_cfg=None if emotion_cfg is None else float(emotion_cfg))
