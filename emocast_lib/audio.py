@@ -27,6 +27,7 @@ __all__ = [
     "WAV2VEC2_BASE",
     "AudioFeatures",
     "AudioInfo",
+    "CHANNELS",
     "MAX_SECONDS",
     "TransformersWav2Vec2",
     "Wav2Vec2Stages",
@@ -34,10 +35,13 @@ __all__ = [
     "load_audio_file",
     "load_separated_16k",
     "load_wav2vec2",
+    "mix_tracks",
     "normalize",
+    "pick_channel",
     "probe_audio",
     "separate_vocals",
     "to_16k_mono",
+    "check_length",
     "window_frames",
 ]
 
@@ -74,6 +78,54 @@ def to_16k_mono(waveform: torch.Tensor | np.ndarray, sample_rate: int) -> np.nda
     n_out = int(np.ceil(mono.shape[-1] * (float(SAMPLE_RATE) / sample_rate)))
     out = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
     return np.pad(out, (0, max(0, n_out - len(out))))[:n_out]
+
+
+# Which channel of a recording is one speaker's track: all of them averaged ("mix", as the reference reads
+# speech), or one channel, for a recording with one speaker per channel ("left" = 1, "right" = 2).
+CHANNELS = ("mix", "left", "right", *(str(n) for n in range(3, 9)))
+
+
+def pick_channel(waveform: torch.Tensor | np.ndarray, channel: str) -> np.ndarray:
+    """[channels, samples] -> float32 [channels, samples] for "mix" (all of them, unchanged), else [1, samples]:
+    the one channel named in CHANNELS ("left" is channel 1, "right" channel 2). ValueError when it lacks it."""
+    wave = waveform.detach().cpu().float().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(
+        waveform, np.float32)
+    if wave.ndim != 2:
+        raise ValueError(f"audio waveform must be [channels, samples], got shape {tuple(wave.shape)}")
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}: choose one of {', '.join(CHANNELS)}")
+    if channel == "mix":
+        return wave
+    number = {"left": 1, "right": 2}.get(channel) or int(channel)
+    if number > wave.shape[0]:
+        raise ValueError(f"channel {channel} asked for, but the audio has {wave.shape[0]} channel(s): choose mix"
+                         f"{'' if wave.shape[0] == 1 else ' or a channel it has'}, or give a recording with one "
+                         "speaker per channel")
+    return wave[number - 1:number]
+
+
+def mix_tracks(tracks: Sequence[tuple[torch.Tensor | np.ndarray, int]]) -> tuple[np.ndarray, int]:
+    """Several speakers' tracks ([channels, samples], rate) -> (float32 [channels, samples], rate): the sum of
+    the tracks at the first track's rate (the others resampled as `to_16k_mono` does), each padded with
+    silence to the longest. Channels: the most any track has; a track with fewer is averaged and copied to
+    each. A mix louder than full scale is scaled down as a whole (as core's Merge Audio does), not clipped."""
+    if not tracks:
+        raise ValueError("no audio tracks to mix")
+    rate = int(tracks[0][1])
+    waves = []
+    for i, (wave, track_rate) in enumerate(tracks):
+        wave = pick_channel(wave, "mix")
+        _check_wave(wave, f"audio track {i + 1}")
+        if int(track_rate) != rate:
+            wave = soxr.resample(wave.T, int(track_rate), rate, quality="HQ").T
+        waves.append(wave)
+    channels, length = max(w.shape[0] for w in waves), max(w.shape[1] for w in waves)
+    mix = np.zeros((channels, length), np.float32)
+    for wave in waves:
+        spread = wave if wave.shape[0] == channels else wave.mean(axis=0, keepdims=True)
+        mix[:, :wave.shape[1]] += spread
+    peak = float(np.abs(mix).max())
+    return (mix / peak if peak > 1.0 else mix), rate
 
 
 # The longest speech the CLI takes: the wav2vec2 pass encodes the whole utterance at once, and its
@@ -329,6 +381,15 @@ class TransformersWav2Vec2:
         return outputs
 
 
+def check_length(wave16k: np.ndarray, fps: int) -> None:
+    """ValueError unless the 16 kHz speech is finite and lasts at least one video frame (cheap: run it before
+    loading the encoder)."""
+    _check_wave(wave16k, "audio waveform")
+    if len(wave16k) < SAMPLE_RATE / fps:
+        raise ValueError(f"audio is {len(wave16k)} samples at 16 kHz ({len(wave16k) / SAMPLE_RATE * 1000:.1f} ms), "
+                         f"shorter than one video frame at {fps} fps: use at least {SAMPLE_RATE // fps} samples")
+
+
 @torch.inference_mode()
 def encode_audio(wave16k: np.ndarray, encoder: Wav2Vec2Stages | torch.nn.Module, fps: int = 25,
                  clip_length: int = 16) -> AudioFeatures:
@@ -338,10 +399,7 @@ def encode_audio(wave16k: np.ndarray, encoder: Wav2Vec2Stages | torch.nn.Module,
     wave = np.asarray(wave16k, np.float32)
     if wave.ndim != 1:
         raise ValueError(f"encode_audio expects 16 kHz mono (samples,), got shape {tuple(wave.shape)}; use to_16k_mono")
-    _check_wave(wave, "audio waveform")
-    if len(wave) < SAMPLE_RATE / fps:
-        raise ValueError(f"audio is {len(wave)} samples at 16 kHz ({len(wave) / SAMPLE_RATE * 1000:.1f} ms), "
-                         f"shorter than one video frame at {fps} fps: use at least {SAMPLE_RATE // fps} samples")
+    check_length(wave, fps)
     values = normalize(wave)
     audio_length = seq_len = math.ceil(len(values) / SAMPLE_RATE * fps)
     pad_frames = -seq_len % clip_length

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
@@ -47,21 +47,24 @@ from .jobs import (
     Progress,
     Segment,
     Session,
+    Speaker,
     check_job,
     check_models,
     default_checkpoint,
     run_job,
 )
-from .jobs.schema import choices, extra, fields, kind
+from .jobs.schema import choices, extra, fields, kind, parse_speaker
 from .sampling import GenerationCancelled
 
 REQUIRED = ("image", "audio", "emotion", "out")
+CONVERSATION = ("image", "speakers", "out")  # what a conversation's line needs instead (speakers bring the audio)
 PATHS = ("image", "audio", "out")
 # `weights` (pose/face/lip) stands for three fields; every other JobSpec field the schema puts in the
 # batch file is a column of its own.
 WEIGHTS = {"pose": "pose_weight", "face": "face_weight", "lip": "lip_weight"}
 COLUMNS = tuple(name for name, info in fields(JobSpec).items()
                 if extra(info, "batch") and name not in (*REQUIRED, *WEIGHTS.values()))
+PARSED = ("speakers",)  # columns with a parser of their own (parse_speakers)
 OPTIONAL = ("weights", *COLUMNS)
 RECORD_TAG = "comment"  # the mp4 metadata tag holding {"emocast_batch": settings}
 RECORD_KEY = "emocast_batch"
@@ -167,6 +170,32 @@ def parse_weights(value: Any) -> dict[str, Any]:
     return {WEIGHTS[k]: _column(WEIGHTS[k], v) for k, v in value.items()}
 
 
+def _speaker_entry(i: int, entry: Any, base: Path) -> Speaker:
+    try:
+        if isinstance(entry, str):
+            speaker = parse_speaker(entry.strip())
+        elif isinstance(entry, dict):
+            speaker = Speaker(**{k: _cell(v) if k == "face" else v for k, v in entry.items()})
+        else:
+            raise ValueError(f'{entry!r} is neither {{"face", "audio", "emotion", "channel"}} nor FACE:AUDIO[:EMOTION]')
+    except ValueError as e:  # JobError too
+        text = "; ".join(p.message for p in e.problems) if isinstance(e, JobError) else str(e)
+        raise ValueError(f"speakers: entry {i}: {text}") from None
+    path = speaker.audio.expanduser()
+    return speaker.model_copy(update={"audio": path if path.is_absolute() else base / path})
+
+
+def parse_speakers(value: Any, base: Path) -> tuple[Speaker, ...]:
+    """`speakers` -> the conversation's Speakers: a list of {"face", "audio", "emotion", "channel"} (emotion and
+    channel optional) or of `FACE:AUDIO[@CHANNEL][:EMOTION]` texts (the --speaker syntax), or such texts joined
+    by `|` in one cell. Audio paths resolve against the jobs file's folder."""
+    value = _json_cell("speakers", value, "[")
+    entries = value if isinstance(value, list) else [e for e in _text("speakers", value).split("|") if e.strip()]
+    if not entries:
+        raise ValueError('speakers: the list is empty; give one {"face", "audio", "emotion"} per person who speaks')
+    return tuple(_speaker_entry(i, entry, base) for i, entry in enumerate(entries, 1))
+
+
 def _column(name: str, value: Any) -> Any:
     """A column's raw value as the schema's type takes it (text and choice fields keep their text); type
     and range are then checked by the schema."""
@@ -184,17 +213,22 @@ def parse_values(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise ValueError(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(REQUIRED + OPTIONAL)}")
-    missing = [k for k in REQUIRED if k not in raw]
+    missing = [k for k in (CONVERSATION if "speakers" in raw else REQUIRED) if k not in raw]
     if missing:
-        raise ValueError(f"missing {', '.join(missing)} (each line needs {', '.join(REQUIRED)})")
-    values: dict[str, Any] = {}
+        raise ValueError(f"missing {', '.join(missing)} (each line needs {', '.join(REQUIRED)}; a conversation "
+                         f"{', '.join(CONVERSATION)})")
+    values: dict[str, Any] = {"audio": None}
     for k in PATHS:
-        path = Path(_text(k, raw[k])).expanduser()
-        values[k] = path if path.is_absolute() else base / path
-    values.update(parse_emotion(raw["emotion"]))
+        if k in raw:
+            path = Path(_text(k, raw[k])).expanduser()
+            values[k] = path if path.is_absolute() else base / path
+    if "emotion" in raw:
+        values.update(parse_emotion(raw["emotion"]))
+    if "speakers" in raw:
+        values["speakers"] = parse_speakers(raw["speakers"], base)
     if "weights" in raw:
         values.update(parse_weights(raw["weights"]))
-    values.update({k: _column(k, raw[k]) for k in COLUMNS if k in raw})
+    values.update({k: _column(k, raw[k]) for k in COLUMNS if k in raw and k not in PARSED})
     if "crossfade" in values and "schedule" not in values:
         raise ValueError("crossfade: only applies to an emotion schedule; this line has a single emotion")
     try:
@@ -234,7 +268,7 @@ def _read_csv(text: str, base: Path, name: str) -> list[JobLine]:
     if not header:
         raise JobsFileError(f"{name}: empty; its first line names the columns, at least {', '.join(REQUIRED)}")
     unknown = [h for h in header if h not in REQUIRED + OPTIONAL]
-    missing = [h for h in REQUIRED if h not in header]
+    missing = [h for h in (CONVERSATION if "speakers" in header else REQUIRED) if h not in header]
     if unknown or missing or len(set(header)) != len(header):
         raise JobsFileError(f"{name}:1: the header must name the columns {', '.join(REQUIRED)} and may add "
                             f"{', '.join(OPTIONAL)}, each once; got {', '.join(header)}")
@@ -272,7 +306,7 @@ def check_outputs_distinct(jobs: list[JobLine]) -> None:
     """Two lines writing one file would each replace the other's video: the later line is marked bad, as
     is a line whose output is another line's input."""
     first: dict[Path, int] = {}
-    inputs = {j.values[k].resolve(): j.line for j in jobs if not j.error for k in ("image", "audio")}
+    inputs = {path.resolve(): j.line for j in jobs if not j.error for path in _input_files(j.values)}
     for job in jobs:
         if job.error:
             continue
@@ -283,6 +317,11 @@ def check_outputs_distinct(jobs: list[JobLine]) -> None:
             job.error = f"out: {out} is an input of line {inputs[out.resolve()]}; it would be overwritten"
         else:
             first[out.resolve()] = job.line
+
+
+def _input_files(values: dict[str, Any]) -> list[Path]:
+    return [p for p in (values["image"], values.get("audio")) if p is not None] + [
+        s.audio for s in values.get("speakers", ())]
 
 
 # --- the settings record: what makes a rerun skip a job ---------------------------------------------------
@@ -326,8 +365,13 @@ def settings_record(job: CheckedJob, settings: ModelSettings, models: dict[str, 
     unused = ("emotion",) if spec.schedule else ("schedule", "crossfade")
     if spec.emotion_cfg is None:  # unset (the released guidance) is left out, as in records made before it existed
         unused += ("emotion_cfg",)
+    unused += () if spec.speakers else ("speakers",)  # records of jobs from before conversations stay valid
     values = spec.model_dump(mode="json", exclude={*PATHS, "overwrite", *unused})
-    record = {"image_sha256": job.image_sha256, "audio_sha256": job.audio_sha256, **values,
+    audio = {} if spec.speakers else {"audio_sha256": job.audio_sha256}
+    if spec.speakers:  # the tracks by content, as the audio
+        values["speakers"] = [{**{k: v for k, v in s.items() if k != "audio"}, "audio_sha256": job.speaker_sha256(i)}
+                              for i, s in enumerate(values["speakers"])]
+    record = {"image_sha256": job.image_sha256, **audio, **values,
               **settings.model_dump(mode="json", exclude=set(NOT_RECORDED)), "models": models}
     return json.loads(json.dumps(record))  # tuples -> lists: compares equal to what is read back
 
@@ -490,7 +534,7 @@ class Worker:
 
         self.progress = 0.0
         result = {"index": task.index, "worker": self.name, "status": "done", "error": None}
-        job = CheckedJob(task.job.spec, self.session.inputs, task.job.landmarks)  # this process's decodings
+        job = replace(task.job, inputs=self.session.inputs)  # this process's decodings
         try:
             run_job(self.session, job, on_progress=progress, should_stop=self.stop.is_set,
                     metadata=record_metadata(task.record))

@@ -25,7 +25,7 @@ from .checkpoint import CONVERT_DTYPES, CheckpointError, checkpoint_config, conv
 from .emotion import split_strength
 from .jobs import JobError, JobSpec, ModelSettings, Progress, Segment, Session, check_job, check_models, run_job
 from .jobs.checks import Inputs
-from .jobs.schema import choices, extra, fields, kind, option
+from .jobs.schema import choices, extra, fields, kind, option, parse_speaker
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows" / "inputs"
 # The defaults of JobSpec's required files on the command line: the shipped example.
@@ -77,6 +77,22 @@ def _segment(text: str) -> Segment:
             f"{text!r}: START and END must be seconds from 0, e.g. 0:1.5:A happy portrait.") from None
 
 
+def _speaker(text: str):
+    """FACE:AUDIO[@CHANNEL][:EMOTION] -> Speaker."""
+    try:
+        return parse_speaker(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _Given(argparse.Action):
+    """Stores the value and notes that it was given (--speaker refuses a given --audio, not its default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def _argument(name: str, info: FieldInfo) -> dict[str, Any]:
     """add_argument's keywords for one schema field."""
     value = kind(info)
@@ -89,7 +105,10 @@ def _argument(name: str, info: FieldInfo) -> dict[str, Any]:
         return {"choices": options, "default": default}
     if name == "schedule":
         return {"type": _segment, "action": "append", "default": [], "metavar": "START:END:TEXT"}
-    return {"type": Path if value is Path else str, "default": default}
+    if name == "speakers":
+        return {"type": _speaker, "action": "append", "default": [], "metavar": "FACE:AUDIO[:EMOTION]"}
+    given = {"action": _Given} if name == "audio" else {}
+    return {"type": Path if value is Path else str, "default": default, **given}
 
 
 def add_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
@@ -178,6 +197,10 @@ def _values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
     values = {name: getattr(args, name) for name, info in fields(model).items() if extra(info, "cli")}
     if "schedule" in values:
         values["schedule"] = tuple(values["schedule"])
+    if "speakers" in values:
+        values["speakers"] = tuple(values["speakers"])
+        if values["speakers"] and not getattr(args, "audio_given", False):
+            values["audio"] = None  # a conversation's tracks come with its speakers, not the default --audio
     return values
 
 

@@ -20,6 +20,8 @@ STORAGE_FORMATS: dict[str, torch.dtype] = {"fp8_e4m3fn": torch.float8_e4m3fn, "f
 # EmoCAST latents are VAE latents times this, hard-coded by the reference whatever the VAE's own factor.
 LATENT_SCALE = 0.18215
 DEFAULT_EMOTION = "The portrait is watching a horror movie with jump scares."
+# The most faces looked for in one photo (MediaPipe's num_faces): a conversation's face index runs to MAX_FACES - 1.
+MAX_FACES = 8
 
 
 @dataclass(frozen=True)

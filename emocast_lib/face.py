@@ -12,7 +12,7 @@ MediaPipe and InsightFace are imported only by the functions that need them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import MAX_FACES
+
 __all__ = [
     "FACE_OVAL_IDS", "LIP_IDS", "FaceMasks", "expand_box", "rect_mask", "soft_mask", "compute_masks",
     "mask_sizes", "resize_u8", "reference_image", "landmarks_to_pixels", "landmarks_from_core", "LandmarkDetector",
-    "Identity", "load_face_analysis", "face_identity", "PortraitCrop", "crop_portrait", "feather_mask",
-    "paste_back",
+    "MAX_FACES", "pick_face", "Identity", "load_face_analysis", "face_identity", "PortraitCrop", "crop_portrait",
+    "crop_face", "feather_mask", "paste_back",
 ]
 
 # MediaPipe 478-point face mesh indices used by the reference (face oval, outer lip contour).
@@ -172,13 +174,19 @@ def landmarks_from_core(payload: dict, height: int, width: int) -> np.ndarray:
     return points
 
 
-class LandmarkDetector:
-    """MediaPipe Tasks FaceLandmarker (IMAGE mode, one face) on a `.task` bundle given by the caller.
+NO_FACE = ("no face found for landmarks: use a clearer frontal portrait or crop it to the face (Crop Portrait "
+           "node)")
 
-    Use as a context manager or call `close()`; `detector(rgb_uint8)` -> (478, 2) float64 pixels.
+
+class LandmarkDetector:
+    """MediaPipe Tasks FaceLandmarker (IMAGE mode, up to `num_faces` faces) on a `.task` bundle given by the caller.
+
+    Use as a context manager or call `close()`; `detector(rgb_uint8)` -> (478, 2) float64 pixels of the face
+    MediaPipe is most sure of, `detector.faces(rgb_uint8)` -> every face found, in MediaPipe's order (the most
+    sure first: the first is the one `detector()` gives, whatever `num_faces`).
     """
 
-    def __init__(self, task_path: str | Path):
+    def __init__(self, task_path: str | Path, num_faces: int = 1):
         task_path = Path(task_path)
         if not task_path.is_file():
             raise FileNotFoundError(
@@ -190,24 +198,27 @@ class LandmarkDetector:
             raise ImportError("face landmarks need mediapipe: `pip install mediapipe`") from e
         options = vision.FaceLandmarkerOptions(
             base_options=BaseOptions(model_asset_path=str(task_path)),
-            running_mode=vision.RunningMode.IMAGE, num_faces=1)
+            running_mode=vision.RunningMode.IMAGE, num_faces=num_faces)
         try:
             self._landmarker = vision.FaceLandmarker.create_from_options(options)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"{task_path} is not a usable MediaPipe FaceLandmarker bundle: {e}") from e
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        faces = self.faces(image)
+        if not faces:
+            raise ValueError(NO_FACE)
+        return faces[0]
+
+    def faces(self, image: np.ndarray) -> list[np.ndarray]:
         import mediapipe as mp
 
         rgb = np.ascontiguousarray(image, np.uint8)
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"landmark detection needs an RGB uint8 (H, W, 3) image, got shape {rgb.shape}")
         result = self._landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=rgb))
-        if not result.face_landmarks:
-            raise ValueError("no face found for landmarks: use a clearer frontal portrait or crop it to the "
-                             "face (Crop Portrait node)")
-        points = np.array([(p.x, p.y) for p in result.face_landmarks[0]], np.float64)
-        return landmarks_to_pixels(points, rgb.shape[0], rgb.shape[1])
+        return [landmarks_to_pixels(np.array([(p.x, p.y) for p in face], np.float64), rgb.shape[0], rgb.shape[1])
+                for face in result.face_landmarks]
 
     def close(self) -> None:
         self._landmarker.close()
@@ -217,6 +228,23 @@ class LandmarkDetector:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def pick_face(faces: list[np.ndarray], index: int = -1) -> tuple[np.ndarray, int]:
+    """The landmarks of face `index` counted from the left (0 = leftmost, by the centre of the face oval), or
+    with -1 the first of `faces` (MediaPipe's most sure face, as `LandmarkDetector()` gives) -> (landmarks,
+    its left-to-right position). ValueError naming the count when there is no such face."""
+    if not faces:
+        raise ValueError(NO_FACE)
+    centres = [float(np.mean(f[list(FACE_OVAL_IDS), 0])) for f in faces]
+    order = sorted(range(len(faces)), key=lambda i: (centres[i], i))
+    if index == -1:
+        return faces[0], order.index(0)
+    if not 0 <= index < len(faces):
+        numbers = "0" if len(faces) == 1 else f"0 to {len(faces) - 1}"
+        raise ValueError(f"there is no face {index}: {len(faces)} face(s) found in the photo, numbered {numbers} "
+                         "from left to right")
+    return faces[order[index]], index
 
 
 # --- identity -------------------------------------------------------------------------------------
@@ -287,6 +315,8 @@ class PortraitCrop:
     photo_height: int
     photo_width: int
     face_box: tuple[int, int, int, int]  # expanded face box (x0, x1, y0, y1) in the photo
+    face_index: int = 0  # which face of the photo, counted from the left (0 = leftmost)
+    faces: int = 1  # how many faces were found in the photo
 
 
 def crop_portrait(image: np.ndarray, landmarks: np.ndarray, scale: float = 2.0,
@@ -305,6 +335,15 @@ def crop_portrait(image: np.ndarray, landmarks: np.ndarray, scale: float = 2.0,
     return image[y0:y0 + side, x0:x0 + side].copy(), PortraitCrop(x0, y0, side, h, w, tuple(face_box))
 
 
+def crop_face(image: np.ndarray, faces: list[np.ndarray], index: int = -1, scale: float = 2.0,
+              expand_ratio: float = 1.2) -> tuple[np.ndarray, PortraitCrop]:
+    """`crop_portrait` around face `index` of `faces` (`pick_face`: counted from the left, -1 the clearest);
+    the PortraitCrop records which face it is and how many were found."""
+    landmarks, position = pick_face(faces, index)
+    crop, where = crop_portrait(image, landmarks, scale, expand_ratio)
+    return crop, replace(where, face_index=position, faces=len(faces))
+
+
 def feather_mask(crop: PortraitCrop, feather: int) -> torch.Tensor:
     """(side, side) float32 blend weight of the pasted crop: 1 inside, a linear ramp over `feather` pixels
     towards each crop edge that lies inside the photo (edges on the photo border need no blend)."""
@@ -319,13 +358,17 @@ def feather_mask(crop: PortraitCrop, feather: int) -> torch.Tensor:
 
 
 def paste_back(photo: torch.Tensor, frames: torch.Tensor, crop: PortraitCrop, feather: int = 16) -> torch.Tensor:
-    """Generated frames (n, 3, S, S) in [0, 1] composited into the photo (3, H, W) in [0, 1] where the
-    crop came from -> (n, 3, H, W). Outside the crop every pixel is the photo's; inside, the frame
-    (resized to the crop side) blends in over a `feather`-pixel edge. Works on any batch of frames, so
-    a long video can be pasted clip by clip."""
-    if tuple(photo.shape) != (3, crop.photo_height, crop.photo_width):
+    """Generated frames (n, 3, S, S) in [0, 1] composited into the photo (3, H, W), or frame by frame into a
+    background video (n, 3, H, W), in [0, 1] where the crop came from -> (n, 3, H, W). Outside the crop every
+    pixel is the background's; inside, the frame (resized to the crop side) blends in over a `feather`-pixel
+    edge, covering what was there (so of two overlapping pastes the later one wins inside its mask). Works
+    on any batch of frames, so a long video can be pasted clip by clip."""
+    if tuple(photo.shape[-3:]) != (3, crop.photo_height, crop.photo_width) or photo.ndim not in (3, 4):
         raise ValueError(f"the photo is {tuple(photo.shape[-2:])[::-1]} (w x h) but the crop was made from a "
                          f"{crop.photo_width}x{crop.photo_height} photo: paste back onto the photo that was cropped")
+    if photo.ndim == 4 and len(photo) != len(frames):
+        raise ValueError(f"the background video has {len(photo)} frames for {len(frames)} pasted frames; give one "
+                         "background frame per frame")
     if feather < 0:
         raise ValueError(f"feather must be >= 0 pixels, got {feather}")
     side, (x0, y0) = crop.side, (crop.x0, crop.y0)
@@ -334,7 +377,7 @@ def paste_back(photo: torch.Tensor, frames: torch.Tensor, crop: PortraitCrop, fe
         frames = torch.nn.functional.interpolate(frames, size=(side, side), mode="bilinear", align_corners=False,
                                                  antialias=frames.shape[-1] > side).clamp(0, 1)
     alpha = feather_mask(crop, min(feather, side // 2)).to(photo.dtype)
-    out = photo[None].repeat(len(frames), 1, 1, 1)
+    out = photo.clone() if photo.ndim == 4 else photo[None].repeat(len(frames), 1, 1, 1)
     region = out[:, :, y0:y0 + side, x0:x0 + side]
     out[:, :, y0:y0 + side, x0:x0 + side] = region * (1 - alpha) + frames * alpha
     return out

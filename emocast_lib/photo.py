@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .face import LandmarkDetector
+from .face import MAX_FACES, LandmarkDetector
 
 MIN_PHOTO_SIDE = 64
 MAX_PHOTO_PIXELS = 90_000_000  # PIL's decompression-bomb threshold, about 9500 x 9500
@@ -109,11 +109,20 @@ def native_stderr_quiet() -> Iterator[None]:
 
 class QuietLandmarker:
     """face.LandmarkDetector on a `.task` bundle, opened once, whose native log lines are held back
-    (native_stderr_quiet). `landmarker(rgb)` -> (478, 2) pixels; ValueError when there is no face."""
+    (native_stderr_quiet). `landmarker(rgb)` -> (478, 2) pixels; ValueError when there is no face.
+    `landmarker.faces(rgb)`: every face (a conversation's), from a second detector opened on first use."""
 
     def __init__(self, task: Path):
+        self.task, self.several = Path(task), None
         with native_stderr_quiet():
             self.detector = LandmarkDetector(task)
+
+    def faces(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """The landmarks of up to face.MAX_FACES faces, MediaPipe's clearest first (empty: no face)."""
+        with native_stderr_quiet():
+            if self.several is None:
+                self.several = LandmarkDetector(self.task, num_faces=MAX_FACES)
+            return self.several.faces(rgb)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         with native_stderr_quiet():
@@ -124,3 +133,5 @@ class QuietLandmarker:
 
     def close(self) -> None:
         self.detector.close()
+        if self.several is not None:
+            self.several.close()

@@ -63,8 +63,8 @@ class AudioEncode(io.ComfyNode):
                         "The video gets ceil(seconds x fps) frames.",
             inputs=[
                 io.Audio.Input("audio", tooltip="Speech, any sample rate and channel count (channels are "
-                                                 "averaged). Use Load Audio, or EmoCAST Vocal Separator first "
-                                                 "for speech over music."),
+                                                 "averaged unless `channel` picks one). Use Load Audio, or EmoCAST "
+                                                 "Vocal Separator first for speech over music."),
                 io.AudioEncoder.Input("audio_encoder",
                                       tooltip=f"wav2vec2-base-960h from core Load Audio Encoder "
                                               f"(models/{layout.WAV2VEC.folder}/{layout.WAV2VEC.name}; download: "
@@ -74,32 +74,78 @@ class AudioEncode(io.ComfyNode):
                 io.Int.Input("clip_length", **widget("clip_length"),
                              tooltip="Frames generated per clip (the model was trained with 16). The audio is "
                                      "padded to whole clips and the video trimmed back to the speech."),
+                io.Combo.Input("channel", options=list(audio_lib.CHANNELS), default="mix", optional=True,
+                               tooltip="Which channel is this speaker's speech: mix (all channels averaged, as the "
+                                       "original code reads speech), or one channel of a recording with one "
+                                       "speaker per channel (left = channel 1, right = channel 2; 3-8 for "
+                                       "multichannel recordings). The audio output is that channel."),
             ],
             outputs=[
                 EmoCASTAudio.Output("emocast_audio", display_name="emocast_audio",
                                     tooltip="Audio features, frame count and fps for EmoCAST Sampler."),
                 io.Audio.Output("fitted_audio", display_name="audio",
-                                tooltip="The input sound trimmed/padded to exactly the video's length "
-                                        "(frames / fps), for Create Video."),
+                                tooltip="The input sound (the chosen channel) trimmed/padded to exactly the "
+                                        "video's length (frames / fps), for Create Video."),
             ],
         )
 
     @classmethod
-    def execute(cls, audio: dict, audio_encoder, fps: int, clip_length: int) -> io.NodeOutput:
+    def execute(cls, audio: dict, audio_encoder, fps: int, clip_length: int, channel: str = "mix") -> io.NodeOutput:
         stages = CoreWav2Vec2(audio_encoder)
         wave, rate = audio_mono(audio)
         try:
-            wave16k = audio_lib.to_16k_mono(wave, rate)
+            track = audio_lib.pick_channel(wave, channel)
+        except ValueError as e:
+            raise EmoCASTInputError(f"channel: {e}") from e
+        try:
+            wave16k = audio_lib.to_16k_mono(track, rate)
+            audio_lib.check_length(wave16k, fps)
             mm.load_model_gpu(stages.patcher)
             feats = audio_lib.encode_audio(wave16k, stages, fps, clip_length)
         except ValueError as e:
             raise EmoCASTInputError(f"audio: {e}") from e
+        sound = audio if channel == "mix" else {"waveform": torch.from_numpy(track)[None], "sample_rate": rate}
         cond = AudioCond(feats.windowed, feats.audio_length, fps, clip_length,
-                         fit_audio(audio, feats.audio_length, fps))
+                         fit_audio(sound, feats.audio_length, fps))
         seconds = len(wave16k) / audio_lib.SAMPLE_RATE
-        text = (f"{seconds:.2f} s of speech -> {feats.audio_length} frames at {fps} fps "
-                f"({feats.num_clips} clip(s) of {clip_length})")
+        text = (f"{seconds:.2f} s of speech{'' if channel == 'mix' else f' (channel {channel})'} -> "
+                f"{feats.audio_length} frames at {fps} fps ({feats.num_clips} clip(s) of {clip_length})")
         return io.NodeOutput(cond, cond.audio, ui=ui.PreviewText(text))
+
+
+class MixAudio(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        track = "{} speaker's sound, e.g. the audio output of their EmoCAST Sampler (already as long as their video)."
+        return io.Schema(
+            node_id="EmoCASTMixAudio",
+            display_name="EmoCAST Mix Audio",
+            category="EmoCAST",
+            description="The sound of a conversation: the speakers' tracks added together, each padded with "
+                        "silence to the longest, at the first track's sample rate (others are resampled). "
+                        "A mix louder than full scale is scaled down as a whole.",
+            inputs=[
+                io.Audio.Input("audio_1", tooltip=track.format("The first")),
+                io.Audio.Input("audio_2", tooltip=track.format("The second")),
+                io.Audio.Input("audio_3", optional=True, tooltip=track.format("A third")),
+                io.Audio.Input("audio_4", optional=True, tooltip=track.format("A fourth")),
+            ],
+            outputs=[io.Audio.Output("mix", display_name="audio",
+                                     tooltip="The mix, as long as the longest track, for Create Video.")],
+        )
+
+    @classmethod
+    def execute(cls, audio_1: dict, audio_2: dict, audio_3: dict | None = None,
+                audio_4: dict | None = None) -> io.NodeOutput:
+        given = [(f"audio_{i}", a) for i, a in enumerate((audio_1, audio_2, audio_3, audio_4), 1) if a is not None]
+        tracks = [audio_mono(a, name) for name, a in given]
+        try:
+            wave, rate = audio_lib.mix_tracks(tracks)
+        except ValueError as e:
+            raise EmoCASTInputError(f"audio: {e}") from e
+        text = f"{len(tracks)} tracks -> {wave.shape[-1] / rate:.2f} s, {wave.shape[0]} channel(s) at {rate} Hz"
+        return io.NodeOutput({"waveform": torch.from_numpy(wave)[None], "sample_rate": rate},
+                             ui=ui.PreviewText(text))
 
 
 class VocalSeparator(io.ComfyNode):

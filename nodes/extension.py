@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from . import examples, paths
-from .audio import AudioEncode, VocalSeparator
+from .audio import AudioEncode, MixAudio, VocalSeparator
 from .emotion import EmotionEncode, EmotionSchedule
 from .face import CropPortrait, FaceAnalysis, PasteBack
 from .loaders import ModelLoader
@@ -14,5 +14,5 @@ from .sampler import Sampler, SamplerToVideo
 paths.register()
 examples.install_inputs()
 
-NODES: list[type[io.ComfyNode]] = [ModelLoader, VocalSeparator, AudioEncode, EmotionEncode, EmotionSchedule,
-                                   FaceAnalysis, CropPortrait, PasteBack, Sampler, SamplerToVideo]
+NODES: list[type[io.ComfyNode]] = [ModelLoader, VocalSeparator, AudioEncode, MixAudio, EmotionEncode,
+                                   EmotionSchedule, FaceAnalysis, CropPortrait, PasteBack, Sampler, SamplerToVideo]

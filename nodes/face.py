@@ -9,8 +9,8 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
+from emocast_lib import conversation, layout
 from emocast_lib import face as face_lib
-from emocast_lib import layout
 from emocast_lib.jobs.schema import widget
 
 from . import paths
@@ -60,6 +60,15 @@ def validate_face_models(face_models: str) -> bool | str:
     if face_models not in paths.face_model_folders():
         return paths.missing_face_models(face_models)
     return True
+
+
+def detect_faces(folder: Path, rgb: np.ndarray) -> list[np.ndarray]:
+    """Every face's landmarks (up to face_lib.MAX_FACES), MediaPipe's clearest first."""
+    with face_lib.LandmarkDetector(folder / paths.LANDMARKER_NAME, num_faces=face_lib.MAX_FACES) as detect:
+        faces = detect.faces(rgb)
+    if not faces:
+        raise EmoCASTInputError(f"image: {face_lib.NO_FACE}")
+    return faces
 
 
 def detect_landmarks(folder: Path, rgb: np.ndarray) -> np.ndarray:
@@ -162,7 +171,8 @@ class CropPortrait(io.ComfyNode):
             category="EmoCAST",
             description="Any photo -> the square, face-centred portrait EmoCAST expects, at the model size.",
             inputs=[
-                io.Image.Input("image", tooltip="A photo with one face, any size or aspect ratio."),
+                io.Image.Input("image", tooltip="A photo, any size or aspect ratio, with one face or several "
+                                                "(face_index picks one)."),
                 face_models_input(),
                 io.Int.Input("size", default=512, min=64, max=2048, step=64,
                              tooltip="Output side in pixels; 512 for the released model (the sampler resizes "
@@ -170,11 +180,17 @@ class CropPortrait(io.ComfyNode):
                 io.Float.Input("scale", **widget("crop_scale"), step=0.1, round=0.01,
                                tooltip="Crop side relative to the face height: larger keeps more shoulders and "
                                        "background."),
+                io.Int.Input("face_index", default=-1, min=-1, max=face_lib.MAX_FACES - 1, optional=True,
+                             tooltip="Which face of the photo: 0 is the leftmost, 1 the next to its right, ... "
+                                     "(faces found by MediaPipe's face landmarker, ordered by the centre of the "
+                                     "face). -1: the clearest face, the one MediaPipe is surest of (the only "
+                                     "one in a photo with one face; what this node took before it had an index)."),
             ],
             outputs=[
                 io.Image.Output("portrait", display_name="portrait", tooltip="Square face-centred crop, size x size."),
                 EmoCASTCropInfo.Output("crop_info", display_name="crop_info",
-                                       tooltip="Where the crop lies in the photo, for EmoCAST Paste Back."),
+                                       tooltip="Where the crop lies in the photo and which face it is, for "
+                                               "EmoCAST Paste Back."),
             ],
         )
 
@@ -183,14 +199,19 @@ class CropPortrait(io.ComfyNode):
         return validate_face_models(face_models)
 
     @classmethod
-    def execute(cls, image: torch.Tensor, face_models: str, size: int, scale: float) -> io.NodeOutput:
+    def execute(cls, image: torch.Tensor, face_models: str, size: int, scale: float,
+                face_index: int = -1) -> io.NodeOutput:
         rgb = to_uint8(single_image(image, "image"))
-        landmarks = detect_landmarks(face_folder(face_models), rgb)
-        crop, where = face_lib.crop_portrait(rgb, landmarks, scale)
+        faces = detect_faces(face_folder(face_models), rgb)
+        try:
+            crop, where = face_lib.crop_face(rgb, faces, face_index, scale)
+        except ValueError as e:
+            raise EmoCASTInputError(f"face_index: {e}") from e
         out = np.asarray(Image.fromarray(crop).resize((size, size), Image.LANCZOS))
         pixels = torch.from_numpy(out.astype(np.float32) / 255)[None]
-        return io.NodeOutput(pixels, where, ui=ui.PreviewText(f"{where.side}x{where.side} crop at ({where.x0}, "
-                                                              f"{where.y0}) -> {size}x{size}"))
+        text = (f"face {where.face_index} of {where.faces} (from the left): {where.side}x{where.side} crop at "
+                f"({where.x0}, {where.y0}) -> {size}x{size}")
+        return io.NodeOutput(pixels, where, ui=ui.PreviewText(text))
 
 
 class PasteBack(io.ComfyNode):
@@ -202,36 +223,47 @@ class PasteBack(io.ComfyNode):
             category="EmoCAST",
             description="Puts the generated portrait video back into the original photo: every frame is "
                         "resized to the crop and blended in where EmoCAST Crop Portrait cut it out, with a "
-                        "feathered edge, so the video has the photo's own size and aspect ratio.",
+                        "feathered edge, so the video has the photo's own size and aspect ratio. Chain two for "
+                        "a conversation: the second pastes its speaker onto the first one's video.",
             inputs=[
                 io.Image.Input("frames", tooltip="The generated frames (EmoCAST Sampler's frames)."),
                 EmoCASTCropInfo.Input("crop_info", tooltip="From the EmoCAST Crop Portrait node that made the "
                                                            "portrait."),
                 io.Image.Input("photo", tooltip="The photo that EmoCAST Crop Portrait cropped (the same image "
-                                                "connected to its input)."),
+                                                "connected to its input), or a video of it: another Paste "
+                                                "Back's frames, so several speakers go into one video. Inside "
+                                                "its feathered crop this paste covers what is there (the later "
+                                                "paste wins where crops overlap). The longer of the two "
+                                                "sequences sets the frame count; the shorter holds its last "
+                                                "frame."),
                 io.Int.Input("feather", default=16, min=0, max=256,
                              tooltip="Width in pixels of the soft edge over which the frames blend into the "
                                      "photo (0: hard edge). Crop edges on the photo border need no blend."),
             ],
             outputs=[io.Image.Output("pasted", display_name="frames",
-                                     tooltip="The frames at the photo's size, for Create Video.")],
+                                     tooltip="The frames at the photo's size, for Create Video or the next "
+                                             "EmoCAST Paste Back.")],
         )
 
     @classmethod
     def execute(cls, frames: torch.Tensor, crop_info: face_lib.PortraitCrop, photo: torch.Tensor,
                 feather: int) -> io.NodeOutput:
-        base = single_image(photo, "photo").movedim(-1, 0).float()
-        if tuple(base.shape[1:]) != (crop_info.photo_height, crop_info.photo_width):
-            raise EmoCASTInputError(f"photo: is {base.shape[2]}x{base.shape[1]} but crop_info comes from a "
+        for name, images in (("photo", photo), ("frames", frames)):
+            if images.ndim != 4 or images.shape[-1] not in (3, 4) or len(images) == 0:
+                raise EmoCASTInputError(f"{name}: expected a ComfyUI IMAGE batch [frames, height, width, 3], got "
+                                        f"shape {tuple(images.shape)}")
+        if tuple(photo.shape[1:3]) != (crop_info.photo_height, crop_info.photo_width):
+            raise EmoCASTInputError(f"photo: is {photo.shape[2]}x{photo.shape[1]} but crop_info comes from a "
                                     f"{crop_info.photo_width}x{crop_info.photo_height} photo; connect the image "
-                                    "that went into EmoCAST Crop Portrait")
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise EmoCASTInputError(f"frames: expected a ComfyUI IMAGE batch [frames, height, width, 3], got shape "
-                                    f"{tuple(frames.shape)}")
-        out = torch.empty(len(frames), *base.shape[1:], 3)
-        for start in range(0, len(frames), PASTE_CHUNK):
-            chunk = frames[start:start + PASTE_CHUNK].movedim(-1, 1)
-            out[start:start + PASTE_CHUNK] = frames_to_image(face_lib.paste_back(base, chunk, crop_info, feather))
-        text = (f"{len(frames)} frame(s) pasted into the {crop_info.photo_width}x{crop_info.photo_height} photo at "
-                f"({crop_info.x0}, {crop_info.y0}), {crop_info.side}px, feather {feather}px")
+                                    "that went into EmoCAST Crop Portrait (or a Paste Back's frames of it)")
+        background = photo[..., :3].movedim(-1, 1).float()
+        total = max(len(frames), len(background))
+        out = torch.empty(total, *background.shape[2:], 3)
+        for start in range(0, total, PASTE_CHUNK):
+            stop = min(start + PASTE_CHUNK, total)
+            layer = (frames[..., :3].movedim(-1, 1), crop_info)
+            out[start:stop] = frames_to_image(conversation.compose(background, [layer], start, stop, feather))
+        onto = "photo" if len(background) == 1 else f"{len(background)}-frame video"
+        text = (f"{len(frames)} frame(s) pasted into the {crop_info.photo_width}x{crop_info.photo_height} {onto} "
+                f"at ({crop_info.x0}, {crop_info.y0}), {crop_info.side}px, feather {feather}px -> {total} frame(s)")
         return io.NodeOutput(out, ui=ui.PreviewText(text))

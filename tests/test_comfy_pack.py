@@ -42,7 +42,7 @@ WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 INPUTS = ROOT / "example_workflows" / "inputs"
 EMOCAST_NODES = {"EmoCASTModelLoader", "EmoCASTVocalSeparator", "EmoCASTAudioEncode", "EmoCASTEmotionEncode",
                  "EmoCASTEmotionSchedule", "EmoCASTFaceAnalysis", "EmoCASTCropPortrait", "EmoCASTPasteBack",
-                 "EmoCASTSampler", "EmoCASTSamplerToVideo"}
+                 "EmoCASTSampler", "EmoCASTSamplerToVideo", "EmoCASTMixAudio"}
 
 
 def harness(*args: str, timeout: float = 600, pack: Path = ROOT) -> dict:
@@ -147,10 +147,11 @@ def _check_run(summary: dict, ui: dict) -> None:
     assert len(videos) == 1
     encode = next(n for n in ui["nodes"] if n["type"] == "EmoCASTAudioEncode")
     fps = encode["widgets_values"][0]
-    speech = next(n for n in ui["nodes"] if n["type"] == "LoadAudio")["widgets_values"][0]
+    tracks = [n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "LoadAudio"]
+    longest = max(soundfile.info(str(INPUTS / track)).duration for track in tracks)  # a conversation: the longest
     video = _mp4_streams(videos[0])
     assert video["rate"] == fps
-    assert video["frames"] == math.ceil(soundfile.info(str(INPUTS / speech)).duration * fps)
+    assert video["frames"] == math.ceil(longest * fps)
     assert video["codecs"] == {"video": "h264", "audio": "aac"}
     if any(n["type"] == "EmoCASTPasteBack" for n in ui["nodes"]):  # the photo's own size comes out
         photo = next(n for n in ui["nodes"] if n["type"] == "LoadImage")["widgets_values"][0]

@@ -27,7 +27,8 @@ def _load(path: Path) -> dict:
 def test_templates_are_where_comfyui_looks():
     """ComfyUI serves custom-node templates from example_workflows/ (other folder names are legacy
     aliases, listed a second time by 0.3.64), each with a same-name .jpg thumbnail."""
-    assert {t.stem for t in TEMPLATES} >= {"emocast_talking_portrait", "emocast_emotion_schedule", "emocast_any_photo"}
+    assert {t.stem for t in TEMPLATES} >= {"emocast_talking_portrait", "emocast_emotion_schedule", "emocast_any_photo",
+                                           "emocast_conversation"}
     for name in ("workflows", "workflow", "examples", "example"):
         assert not (ROOT / name).exists(), f"{name}/ would list the templates twice"
     for template in TEMPLATES:
@@ -69,3 +70,47 @@ def test_readme_model_table_is_the_layout_table():
     assert listed == expected
     for f in (*layout.REQUIRED, layout.SEPARATOR):
         assert f.source in table, f.name
+
+
+def test_conversation_template_gives_each_face_its_own_track():
+    """Two Crop Portraits on one photo with distinct face indices, each into its own sampler with its own
+    speech track; the second Paste Back pastes onto the first one's frames; Mix Audio gets both samplers'
+    sound; all speakers' Audio Encodes share one fps (the video's)."""
+    workflow = _load(ROOT / "example_workflows" / "emocast_conversation.json")
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    source = {(link[3], link[4]): link[1] for link in workflow["links"]}  # (to node, input slot) -> from node
+
+    def feeding(node: dict, name: str) -> dict:
+        slot = next(i for i, inp in enumerate(node["inputs"]) if inp["name"] == name)
+        return nodes[source[(node["id"], slot)]]
+
+    def upstream(node: dict, kind: str) -> dict:
+        """The nearest node of type `kind` above `node` (breadth first)."""
+        queue = [node]
+        while queue:
+            current = queue.pop(0)
+            for i, inp in enumerate(current["inputs"]):
+                parent = nodes.get(source.get((current["id"], i)))
+                if parent is not None:
+                    if parent["type"] == kind:
+                        return parent
+                    queue.append(parent)
+        raise AssertionError(f"no {kind} above {node['type']}")
+
+    samplers = [n for n in nodes.values() if n["type"] == "EmoCASTSampler"]
+    assert len(samplers) == 2
+    crops = [upstream(s, "EmoCASTCropPortrait") for s in samplers]
+    assert sorted(c["widgets_values"][3] for c in crops) == [0, 1]
+    tracks = {upstream(feeding(s, "emocast_audio"), "LoadAudio")["widgets_values"][0] for s in samplers}
+    assert len(tracks) == 2
+    assert len({upstream(c, "LoadImage")["id"] for c in crops}) == 1, "one photo"
+    pastes = [n for n in nodes.values() if n["type"] == "EmoCASTPasteBack"]
+    first, second = sorted(pastes, key=lambda p: feeding(p, "photo")["type"] == "EmoCASTPasteBack")
+    assert feeding(first, "photo")["type"] == "LoadImage" and feeding(second, "photo") is first
+    assert feeding(feeding(second, "frames"), "face") is not feeding(feeding(first, "frames"), "face")
+    video = next(n for n in nodes.values() if n["type"] == "CreateVideo")
+    assert feeding(video, "images") is second
+    mix = feeding(video, "audio")
+    assert mix["type"] == "EmoCASTMixAudio"
+    assert {feeding(mix, "audio_1")["id"], feeding(mix, "audio_2")["id"]} == {s["id"] for s in samplers}
+    assert len({n["widgets_values"][0] for n in nodes.values() if n["type"] == "EmoCASTAudioEncode"}) == 1

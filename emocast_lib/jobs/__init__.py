@@ -61,6 +61,7 @@ from .schema import (
     Problem,
     Progress,
     Segment,
+    Speaker,
     limits,
     option,
     sampling_config,
@@ -82,6 +83,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["MAX_PROMPT_TOKENS", "PASTE_MAX_SIDE", "CheckedJob", "Inputs", "JobError", "JobSpec", "ModelSettings",
-           "OnProgress", "PreparedPortrait", "Problem", "Progress", "Segment", "Session", "check_job", "check_models",
-           "count_tokens", "default_checkpoint", "limits", "option", "prompt_problem", "run_job", "sampling_config",
-           "value_problems", "widget"]
+           "OnProgress", "PreparedPortrait", "Problem", "Progress", "Segment", "Session", "Speaker", "check_job",
+           "check_models", "count_tokens", "default_checkpoint", "limits", "option", "prompt_problem", "run_job",
+           "sampling_config", "value_problems", "widget"]

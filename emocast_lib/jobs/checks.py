@@ -18,6 +18,7 @@ from instant_clip_tokenizer import Tokenizer
 from safetensors import SafetensorError, safe_open
 
 from .. import audio as audio_lib
+from .. import face as face_lib
 from .. import layout
 from .. import photo as photo_lib
 from ..checkpoint import (
@@ -62,6 +63,7 @@ class Inputs:
         self._sound = lru_cache(maxsize=sounds)(self._decode_sound)
         self._digest = lru_cache(maxsize=256)(self._sha256)
         self._face = lru_cache(maxsize=photos)(self._landmarks)
+        self._faces = lru_cache(maxsize=photos)(self._all_faces)
 
     def photo(self, path: Path) -> np.ndarray:
         """RGB uint8 (H, W, 3), upright; read-only (shared by the jobs of the run)."""
@@ -79,8 +81,15 @@ class Inputs:
         """(478, 2) landmarks of the face in the photo, None without a landmarker; ValueError: no face."""
         return self._face(_stamp(path))
 
+    def faces(self, path: Path) -> tuple[np.ndarray, ...]:
+        """Every face in the photo (a conversation's), MediaPipe's clearest first; () without a landmarker."""
+        return self._faces(_stamp(path))
+
     def _landmarks(self, stamp: tuple[str, int, int]) -> np.ndarray | None:
         return None if self.landmarker is None else self.landmarker(self.photo(Path(stamp[0])))
+
+    def _all_faces(self, stamp: tuple[str, int, int]) -> tuple[np.ndarray, ...]:
+        return () if self.landmarker is None else tuple(self.landmarker.faces(self.photo(Path(stamp[0]))))
 
     @staticmethod
     def _decode_photo(stamp: tuple[str, int, int]) -> np.ndarray:
@@ -124,6 +133,7 @@ class CheckedJob:
     spec: JobSpec
     inputs: Inputs
     landmarks: np.ndarray | None  # (478, 2) pixels; None only without a landmarker (check_models says so)
+    faces: tuple[np.ndarray, ...] = ()  # a conversation's: every face of the photo, MediaPipe's clearest first
 
     @property
     def photo(self) -> np.ndarray:
@@ -141,6 +151,15 @@ class CheckedJob:
     def audio_sha256(self) -> str:
         return self.inputs.digest(self.spec.audio)
 
+    def speaker_sound(self, i: int) -> tuple[np.ndarray, int]:
+        """Speaker i's track: (float32 [channels, samples] of their channel, rate)."""
+        speaker = self.spec.speakers[i]
+        wave, rate = self.inputs.sound(speaker.audio)
+        return audio_lib.pick_channel(wave, speaker.channel), rate
+
+    def speaker_sha256(self, i: int) -> str:
+        return self.inputs.digest(self.spec.speakers[i].audio)
+
 
 def check_job(spec: JobSpec, models: str | Path, inputs: Inputs | None = None) -> CheckedJob:
     """Every problem of one job found without loading a network; raises JobError listing them all.
@@ -157,7 +176,13 @@ def check_job(spec: JobSpec, models: str | Path, inputs: Inputs | None = None) -
             inputs.close()
     problems = _emotion_problems(spec)
     landmarks, photo_problems = _face(spec, inputs)
-    problems += photo_problems + _sound_problems(spec, inputs)
+    problems += photo_problems
+    faces: tuple[np.ndarray, ...] = ()
+    if spec.speakers:
+        faces, speaker_problems = _speakers(spec, inputs, photo_ok=not photo_problems)
+        problems += speaker_problems
+    else:
+        problems += _sound_problems(spec.audio, spec.fps, "audio", inputs)
     if spec.vocal_separation:
         problems += _separation_problems(Path(models))
     if problem := output_problem(Path(spec.out), spec.overwrite):
@@ -166,7 +191,7 @@ def check_job(spec: JobSpec, models: str | Path, inputs: Inputs | None = None) -
         problems.append(Problem("out", f"{spec.out} does not end in .mp4; the video is written as mp4"))
     if problems:
         raise JobError(problems)
-    return CheckedJob(spec, inputs, landmarks)
+    return CheckedJob(spec, inputs, landmarks, faces)
 
 
 # --- prompts ------------------------------------------------------------------------------------------
@@ -204,7 +229,8 @@ def _short(text: str, n: int = 40) -> str:
 
 
 def _emotion_problems(spec: JobSpec) -> list[Problem]:
-    texts = [("schedule", s.text) for s in spec.schedule] or [("emotion", spec.emotion)]
+    texts = ([("speakers", s.emotion or spec.emotion) for s in spec.speakers] or
+             [("schedule", s.text) for s in spec.schedule] or [("emotion", spec.emotion)])
     problems = [Problem(name, p) for name, text in texts if (p := prompt_problem(text, spec.truncate_prompt))]
     if spec.schedule:
         try:  # the Emotion Schedule node's own range checks, on placeholder embeddings
@@ -229,26 +255,50 @@ def _face(spec: JobSpec, inputs: Inputs) -> tuple[np.ndarray | None, list[Proble
     if spec.crop == "none" and h != w:
         return None, [Problem("image", f"{spec.image} is {w}x{h}, not square, and {option('crop')} none keeps it "
                                        f"whole; use {option('crop')} auto (a square crop around the face)")]
+    if spec.speakers:  # a conversation finds every face (`_speakers`)
+        return None, []
     try:
         return inputs.face(spec.image), []
     except ValueError as e:
         return None, [Problem("image", f"{spec.image}: {e}")]
 
 
-def _sound_problems(spec: JobSpec, inputs: Inputs) -> list[Problem]:
+def _speakers(spec: JobSpec, inputs: Inputs, photo_ok: bool) -> tuple[tuple[np.ndarray, ...], list[Problem]]:
+    """Every face of the photo, and the problems of each speaker: their track, and a face the photo has."""
+    problems = [p for s in spec.speakers for p in _sound_problems(s.audio, spec.fps, "speakers", inputs, s.channel)]
+    if not photo_ok or inputs.landmarker is None:  # the photo's or check_models' problem is reported instead
+        return (), problems
+    faces = inputs.faces(spec.image)
+    if not faces:
+        return faces, problems + [Problem("image", f"{spec.image}: no face found; use a photo with clear, frontal "
+                                                   "faces")]
+    for speaker in spec.speakers:
+        try:
+            face_lib.pick_face(list(faces), speaker.face)
+        except ValueError as e:
+            problems.append(Problem("speakers", f"{spec.image}: {e}"))
+    return faces, problems
+
+
+def _sound_problems(path: Path, fps: int, field: str, inputs: Inputs, channel: str = "mix") -> list[Problem]:
+    """A speech file that does not decode, holds damaged samples, lacks the channel or is shorter than a frame."""
     try:
-        wave, rate = inputs.sound(spec.audio)
+        wave, rate = inputs.sound(path)
     except (OSError, ValueError) as e:
-        return [Problem("audio", str(e))]
+        return [Problem(field, str(e))]
+    try:
+        wave = audio_lib.pick_channel(wave, channel)
+    except ValueError as e:
+        return [Problem(field, f"{path}: {e}")]
     if not np.isfinite(wave).all():
-        return [Problem("audio", f"{spec.audio} contains NaN or infinite samples; re-export it")]
+        return [Problem(field, f"{path} contains NaN or infinite samples; re-export it")]
     peak = float(np.abs(wave).max())
     if peak > MAX_AMPLITUDE:
-        return [Problem("audio", f"{spec.audio} has samples up to {peak:.3g} times full scale (ordinary audio stays "
-                                 "within 1); the file is damaged or wrongly scaled: re-export it")]
-    if wave.shape[1] < rate / spec.fps:
-        return [Problem("audio", f"{spec.audio} lasts {wave.shape[1] / rate * 1000:.0f} ms, shorter than one video "
-                                 f"frame at {spec.fps} fps; give a longer speech file")]
+        return [Problem(field, f"{path} has samples up to {peak:.3g} times full scale (ordinary audio stays within "
+                               "1); the file is damaged or wrongly scaled: re-export it")]
+    if wave.shape[1] < rate / fps:
+        return [Problem(field, f"{path} lasts {wave.shape[1] / rate * 1000:.0f} ms, shorter than one video frame at "
+                               f"{fps} fps; give a longer speech file")]
     return []
 
 

@@ -8,6 +8,7 @@ value (type, range, finiteness) and raises `JobError`, one `Problem` per bad val
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Annotated, Any, Callable, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_serializer
 from pydantic.fields import FieldInfo
 
-from ..audio import MAX_SECONDS
-from ..config import DEFAULT_EMOTION, PRECISIONS, SCHEDULERS, STORAGE_FORMATS, SamplingConfig
+from ..audio import CHANNELS, MAX_SECONDS
+from ..config import DEFAULT_EMOTION, MAX_FACES, PRECISIONS, SCHEDULERS, STORAGE_FORMATS, SamplingConfig
 from ..emotion import EMOTION_CFG_RANGE, STRENGTH_RANGE
 
 # Strict: a whole number must be an int (not 1.5, not true), a switch a bool; floats take ints. Paths
@@ -94,13 +95,41 @@ class Segment(_Values):
         return values
 
 
+class Speaker(_Values):
+    """One person of a conversation: face `face` of the photo (0 = the leftmost) speaks `audio` (one `channel`
+    of it, or all of them mixed) with `emotion` (None: the job's emotion)."""
+
+    face: int = Field(ge=0, le=MAX_FACES - 1, description="face of the photo, counted from the left from 0")
+    audio: UserPath
+    emotion: str | None = None
+    channel: Literal[CHANNELS] = "mix"
+
+
+def parse_speaker(text: str) -> Speaker:
+    """`FACE:AUDIO[@CHANNEL][:EMOTION]` (the --speaker syntax) -> Speaker; ValueError says what is wrong. AUDIO
+    ends at the first colon after a Windows drive letter; the emotion may hold colons."""
+    face, colon, rest = text.partition(":")
+    if not colon or not rest.strip():
+        raise ValueError(f"{text!r} is not FACE:AUDIO[:EMOTION] (e.g. 0:alice.wav:A cheerful host.)")
+    cut = rest.find(":", 2 if re.match(r"[A-Za-z]:[\\/]", rest) else 0)
+    audio, emotion = (rest, None) if cut < 0 else (rest[:cut], rest[cut + 1:].strip() or None)
+    audio, at, channel = audio.rpartition("@") if re.search(r"@(\w+)$", audio) else ("", "", audio)
+    if not face.strip().isdigit():
+        raise ValueError(f"{text!r}: FACE {face!r} is not a face number (0 = the leftmost face of the photo)")
+    try:
+        return Speaker(face=int(face), audio=Path(audio if at else channel), emotion=emotion,
+                       channel=channel if at else "mix")
+    except JobError as e:
+        raise ValueError(f"{text!r}: {'; '.join(p.message for p in e.problems)}") from None
+
+
 class JobSpec(_Values):
     """One video to make. Paths are used as given (relative to the working folder)."""
 
     image: UserPath = setting(help="photo with one face: any size (non-square photos are cropped around the face), "
                                    "any format PIL reads; EXIF orientation applied")
-    audio: UserPath = setting(help="speech: any file FFmpeg decodes (wav, flac, mp3, m4a, ogg/opus, a video's "
-                                   f"sound), up to {MAX_SECONDS / 60:g} minutes")
+    audio: UserPath | None = setting(None, help="speech: any file FFmpeg decodes (wav, flac, mp3, m4a, ogg/opus, a "
+                                                f"video's sound), up to {MAX_SECONDS / 60:g} minutes")
     out: UserPath = setting(help="output mp4 (H.264 + AAC)")
     emotion: str = setting(DEFAULT_EMOTION, help=f"free-text emotion prompt (CLIP, at most {MAX_PROMPT_TOKENS} "
                                                  "tokens); used when there is no schedule")
@@ -109,6 +138,13 @@ class JobSpec(_Values):
                                                  "--emotion (the last segment holds to the end); TEXT ending in "
                                                  "@STRENGTH (e.g. @1.6) multiplies --emotion-cfg over the segment")
     crossfade: float = setting(0.4, ge=0.0, le=10.0, help="seconds of each crossfade between schedule segments")
+    speakers: tuple[Speaker, ...] = setting((), cli="--speaker",
+                                            help="a conversation, one per person who speaks: FACE:AUDIO[@CHANNEL]"
+                                                 "[:EMOTION], repeatable. FACE counts the photo's faces from the "
+                                                 "left from 0; AUDIO is that person's track (silent where the "
+                                                 "others speak); @left, @right or @3..@8 takes one channel of it; "
+                                                 "EMOTION defaults to --emotion. Replaces --audio; the video is the "
+                                                 "whole photo with every speaker pasted in and their tracks mixed")
     seed: int = setting(SamplingConfig.seed, ge=0, le=2**64 - 1, help="seed of the initial noise (0 .. 2^64-1)")
     steps: int | None = setting(None, ge=1, le=200, help="denoising steps per clip (default: what the checkpoint "
                                                          f"declares, else {SamplingConfig.steps})")
@@ -149,8 +185,33 @@ class JobSpec(_Values):
                                   help="experimental speed lever: a full network pass every N steps, DeepCache reuse "
                                        "of its deep features in between (1 = released)")
 
-    def __init__(self, image: Path | str, audio: Path | str, out: Path | str, **values: Any):
+    def __init__(self, image: Path | str, audio: Path | str | None, out: Path | str, **values: Any):
         super().__init__(image=image, audio=audio, out=out, **values)
+        problems = speaker_problems(self)
+        if problems:
+            raise JobError(problems)
+
+
+def speaker_problems(spec: JobSpec) -> list[Problem]:
+    """What does not go together with (or without) conversation speakers: one line each."""
+    if not spec.speakers:
+        missing = f"is missing; give the speech file (or {option('speakers')} per person of a conversation)"
+        return [] if spec.audio is not None else [Problem("audio", missing)]
+    problems = []
+    if spec.audio is not None:
+        problems.append(Problem("speakers", f"does not go with {option('audio')}: each speaker's track comes with "
+                                            f"their {option('speakers')}; leave {option('audio')} out"))
+    faces = [s.face for s in spec.speakers]
+    for face in sorted({f for f in faces if faces.count(f) > 1}):
+        problems.append(Problem("speakers", f"face {face} is given to {faces.count(face)} speakers; give each face "
+                                            "one speaker (one track)"))
+    clashes = [(spec.schedule, f"an emotion schedule ({option('schedule')}) is for one speaker; give each speaker's "
+                               "emotion in their own entry"),
+               (spec.crop == "none", f"{option('crop')} none keeps the photo whole; a conversation crops each face: "
+                                     f"use {option('crop')} auto"),
+               (spec.vocal_separation, f"{option('vocal_separation')} separates one {option('audio')}; separate "
+                                       "each speaker's track beforehand")]
+    return problems + [Problem("speakers", text) for clash, text in clashes if clash]
 
 
 class ModelSettings(_Values):
@@ -237,9 +298,9 @@ def problems_of(error: ValidationError, model: type[BaseModel]) -> list[Problem]
     for e in error.errors():
         name = str(e["loc"][0]) if e["loc"] else "value"
         info = fields(model).get(name)
-        field = "schedule" if model is Segment else name
+        entry = {Segment: "schedule", Speaker: "speakers"}.get(model)  # an entry of a multi-entry field
         text = _message(e, info, name, model)
-        problems.append(Problem(field, f"{name} {text}" if model is Segment else text))
+        problems.append(Problem(entry, f"{name} {text}") if entry else Problem(name, text))
     return problems
 
 

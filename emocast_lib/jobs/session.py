@@ -40,6 +40,7 @@ class _Keyed:
 
     key: Hashable
     job: CheckedJob = field(compare=False, hash=False)
+    speaker: int | None = field(default=None, compare=False, hash=False)  # a conversation's speaker (in `key` too)
 
 
 class Session:
@@ -155,30 +156,22 @@ class Session:
 
     # --- cached per-input work ---
 
-    def portrait(self, job: CheckedJob) -> PreparedPortrait:
-        """The photo's network inputs (cached by photo content and the settings that shape them)."""
+    def portrait(self, job: CheckedJob, speaker: int | None = None) -> PreparedPortrait:
+        """The photo's network inputs, or those of a conversation speaker's face (cached by photo content,
+        the face and the settings that shape them)."""
         spec = job.spec
-        key = (job.image_sha256, crop_mode(spec, None), spec.crop_scale, spec.expand_ratio, spec.no_identity,
+        face = None if speaker is None else spec.speakers[speaker].face
+        key = (job.image_sha256, crop_mode(spec, None), face, spec.crop_scale, spec.expand_ratio, spec.no_identity,
                self.net.config.sample_size)
-        return self._portraits(_Keyed(key, job))
+        return self._portraits(_Keyed(key, job, speaker))
 
     def _analyse(self, keyed: _Keyed) -> PreparedPortrait:
         job, spec = keyed.job, keyed.job.spec
-        if job.landmarks is None:
+        if job.landmarks is None and not job.faces:
             raise JobError([Problem("models", f"{layout.LANDMARKER.path(self.models)} is missing or damaged; the "
                                               "face cannot be found without it")])
         self._say("prepare", f"analysing the face in {spec.image}")
-        rgb, landmarks = job.photo, job.landmarks
-        h, w = rgb.shape[:2]
-        if crop_mode(spec, (h, w)) == "face":
-            crop_rgb, crop = face_lib.crop_portrait(rgb, landmarks, spec.crop_scale, spec.expand_ratio)
-            landmarks = landmarks - np.array([crop.x0, crop.y0], np.float64)
-            note = f"cropped {crop.side}x{crop.side} around the face at ({crop.x0}, {crop.y0}) of the {w}x{h} photo"
-        else:
-            crop_rgb = rgb
-            _, box = face_lib.expand_box(landmarks[list(face_lib.FACE_OVAL_IDS)], spec.expand_ratio, w, h)
-            crop = face_lib.PortraitCrop(0, 0, h, h, w, tuple(box))
-            note = f"the whole {w}x{h} photo"
+        crop_rgb, landmarks, crop, note = _crop(job, keyed.speaker)
         identity = None
         if not spec.no_identity:
             try:
@@ -197,21 +190,49 @@ class Session:
     def _encode_prompt(self, text: str, truncate: bool) -> EncodedText:
         return encode_prompt(self.text_encoder, text, truncate)
 
-    def features(self, job: CheckedJob) -> audio_lib.AudioFeatures:
-        """The job's speech features (cached by audio content, fps, clip length, vocal separation)."""
+    def features(self, job: CheckedJob, speaker: int | None = None) -> audio_lib.AudioFeatures:
+        """The job's speech features, or a conversation speaker's (cached by audio content and channel, fps,
+        clip length, vocal separation)."""
         spec = job.spec
-        return self._features(_Keyed((job.audio_sha256, spec.fps, spec.clip_length, spec.vocal_separation), job))
+        if speaker is None:
+            key = (job.audio_sha256, spec.fps, spec.clip_length, spec.vocal_separation)
+        else:
+            key = (job.speaker_sha256(speaker), spec.speakers[speaker].channel, spec.fps, spec.clip_length)
+        return self._features(_Keyed(key, job, speaker))
 
     def _encode_audio(self, keyed: _Keyed) -> audio_lib.AudioFeatures:
         spec = keyed.job.spec
-        return audio_lib.encode_audio(self._speech_16k(keyed.job), self.wav2vec, spec.fps, spec.clip_length)
+        return audio_lib.encode_audio(self._speech_16k(keyed.job, keyed.speaker), self.wav2vec, spec.fps,
+                                      spec.clip_length)
 
-    def _speech_16k(self, job: CheckedJob) -> np.ndarray:
+    def _speech_16k(self, job: CheckedJob, speaker: int | None = None) -> np.ndarray:
+        if speaker is not None:
+            return audio_lib.to_16k_mono(*job.speaker_sound(speaker))
         if not job.spec.vocal_separation:
             return audio_lib.to_16k_mono(*job.sound)
         with tempfile.TemporaryDirectory(prefix="emocast-vocals-") as tmp:
             vocals = audio_lib.separate_vocals(job.spec.audio, layout.SEPARATOR.path(self.models).parent, tmp)
             return audio_lib.load_separated_16k(vocals)
+
+
+def _crop(job: CheckedJob, speaker: int | None) -> tuple[np.ndarray, np.ndarray, face_lib.PortraitCrop, str]:
+    """(portrait pixels, its landmarks, where it lies in the photo, a note): a conversation speaker's face, a
+    square crop around the face, or the whole (square) photo."""
+    spec, rgb = job.spec, job.photo
+    h, w = rgb.shape[:2]
+    if speaker is not None:
+        face = spec.speakers[speaker].face
+        crop_rgb, crop = face_lib.crop_face(rgb, list(job.faces), face, spec.crop_scale, spec.expand_ratio)
+        landmarks = face_lib.pick_face(list(job.faces), face)[0] - np.array([crop.x0, crop.y0], np.float64)
+        return crop_rgb, landmarks, crop, (f"face {face} of {crop.faces} (from the left), cropped {crop.side}x"
+                                           f"{crop.side} at ({crop.x0}, {crop.y0}) of the {w}x{h} photo")
+    landmarks = job.landmarks
+    if crop_mode(spec, (h, w)) == "face":
+        crop_rgb, crop = face_lib.crop_portrait(rgb, landmarks, spec.crop_scale, spec.expand_ratio)
+        note = f"cropped {crop.side}x{crop.side} around the face at ({crop.x0}, {crop.y0}) of the {w}x{h} photo"
+        return crop_rgb, landmarks - np.array([crop.x0, crop.y0], np.float64), crop, note
+    _, box = face_lib.expand_box(landmarks[list(face_lib.FACE_OVAL_IDS)], spec.expand_ratio, w, h)
+    return rgb, landmarks, face_lib.PortraitCrop(0, 0, h, h, w, tuple(box)), f"the whole {w}x{h} photo"
 
 
 def crop_mode(spec: JobSpec, hw: tuple[int, int] | None) -> str:
