@@ -98,7 +98,7 @@ def manager_installed_copies() -> list[Path]:
 
 
 @needs_comfy
-def test_the_copy_comfyui_manager_installed_lists_the_ten_nodes():
+def test_the_copy_comfyui_manager_installed_lists_every_node():
     """The folder `cm-cli install` made (clone, requirements.txt, install.py) loads in ComfyUI as it is."""
     copies = manager_installed_copies()
     if not copies:
