@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import CLIP_L_TEXT, AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
+from ..config import CLIP_L_TEXT, SD_VAE, AudioProjConfig, FaceLocatorConfig, ImageProjConfig, NetConfig, UNetConfig
 from ..models import EmoCASTNet
 from .fill import fill_state_dict
 
@@ -33,16 +33,11 @@ TINY_PACK_NET = replace(
     TINY_NET, unet=replace(TINY_NET.unet, cross_attention_dim=768, audio_attention_dim=768),
     image_proj=ImageProjConfig(embedding_dim=512, tokens=4, width=768),
     audio_proj=replace(TINY_NET.audio_proj, layers=12, channels=768), sample_size=64)
-TINY_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
-    "block_out_channels": [16, 16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "act_fn": "silu", "sample_size": 128, "scaling_factor": 0.18215,
-}
-TINY_CLIP_TEXT: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05,
-    "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
-}
+# The companions' own architectures at a fraction of their widths (same keys, same order).
+TINY_VAE: dict[str, Any] = SD_VAE | {
+    "layers_per_block": 1, "norm_num_groups": 8, "block_out_channels": [16, 16, 32, 32], "sample_size": 128}
+TINY_CLIP_TEXT: dict[str, Any] = CLIP_L_TEXT | {
+    "hidden_size": 48, "intermediate_size": 96, "projection_dim": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 NOT_A_MODEL = ("TINY TEST MODELS - NOT EmoCAST. Made by `python -m emocast_lib make-tiny-models` from a fixed "
                "random fill rule so the pack can be run end to end without the real weights. "
